@@ -1,0 +1,144 @@
+"""Model configuration and named presets.
+
+A preset is a function returning a `ModelConfig`, so sizes are code that can be read and diffed.
+Sizes of base / base_plus / large follow ../shared/VLMO_SPEC.md section 3 exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    # vision
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    # transformer
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    vl_start: int = 10  # first layer that has the vision-language expert
+    layer_scale_init: Optional[float] = 0.1  # None: no gamma parameters (base_plus)
+    use_abs_pos_emb: bool = False  # image and text absolute positions (base_plus, giant)
+    use_rel_pos_bias: bool = True
+    drop_path_rate: float = 0.1
+    attn_drop: float = 0.0
+    norm_eps: float = 1e-6
+    # text
+    vocab_size: int = 30522
+    max_text_len: int = 40  # rows of the text position table; VL pretraining length
+    max_text_len_of_initckpt: int = 196  # text span of the relative position table
+    text_norm_eps: float = 1e-12
+    text_dropout: float = 0.0
+    num_modality_types: int = 2  # 0 text, 1 image (2: NLVR2's second image)
+    # pretraining heads
+    mim_target: str = "pixel"  # "pixel" (normalised pixels) or "token" (visual-token ids)
+    mim_vocab_size: int = 8192
+    # execution
+    attention: str = "sdpa"  # "sdpa" (fused kernel) or "explicit" (reference math)
+    checkpoint_every: int = 0  # activation checkpointing: 0 none, k every k-th block
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def num_vl_layers(self) -> int:
+        return self.depth - self.vl_start
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, tensor_parallel: int = 1) -> None:
+        """Raise ValueError naming the first key that makes this config impossible."""
+        checks = [
+            (self.embed_dim % self.num_heads == 0, "embed_dim must be divisible by num_heads"),
+            (self.image_size % self.patch_size == 0, "image_size must be divisible by patch_size"),
+            (0 <= self.vl_start <= self.depth, "vl_start must lie in [0, depth]"),
+            (self.attention in ("sdpa", "explicit"), "attention must be 'sdpa' or 'explicit'"),
+            (self.mim_target in ("pixel", "token"), "mim_target must be 'pixel' or 'token'"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.max_text_len <= self.max_text_len_of_initckpt or not self.use_rel_pos_bias,
+             "max_text_len exceeds max_text_len_of_initckpt, the text span of the relative table"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"model config '{self.name}': {msg}")
+        tp = tensor_parallel
+        for key, value in (("num_heads", self.num_heads), ("ffn_dim", self.ffn_dim),
+                           ("vocab_size", self.vocab_size)):
+            if value % tp:
+                raise ValueError(f"model config '{self.name}': {key}={value} is not divisible by "
+                                 f"tensor parallel size {tp}")
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+    PRESETS[fn.__name__] = fn
+    return fn
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {sorted(unknown)}")
+    return cfg.replace(**overrides)
+
+
+@register
+def tiny() -> ModelConfig:
+    """Tests and the CPU demo: 4 layers, width 64, 64 px images."""
+    return ModelConfig(name="tiny", image_size=64, patch_size=16, embed_dim=64, depth=4,
+                       num_heads=4, ffn_dim=256, vl_start=2, vocab_size=1024, max_text_len=32,
+                       max_text_len_of_initckpt=64, drop_path_rate=0.0)
+
+
+@register
+def base() -> ModelConfig:
+    return ModelConfig(name="base", embed_dim=768, depth=12, num_heads=12, ffn_dim=3072, vl_start=10)
+
+
+@register
+def base_plus() -> ModelConfig:
+    return ModelConfig(name="base_plus", embed_dim=544, depth=24, num_heads=16, ffn_dim=2176,
+                       vl_start=21, layer_scale_init=None, use_abs_pos_emb=True,
+                       use_rel_pos_bias=False)
+
+
+@register
+def large() -> ModelConfig:
+    return ModelConfig(name="large", embed_dim=1024, depth=24, num_heads=16, ffn_dim=4096, vl_start=21)
+
+
+@register
+def giant() -> ModelConfig:
+    """BEiT-3 giant sizes: ~1.9B parameters; absolute positions as in BEiT-3."""
+    return ModelConfig(name="giant", patch_size=14, embed_dim=1408, depth=40, num_heads=16,
+                       ffn_dim=6144, vl_start=37, layer_scale_init=None, use_abs_pos_emb=True,
+                       use_rel_pos_bias=False, vocab_size=64000)
+
+
+@register
+def xl_6b() -> ModelConfig:
+    """This project's multi-node preset (~6.5B parameters): 48 layers of width 2560."""
+    return ModelConfig(name="xl_6b", patch_size=14, embed_dim=2560, depth=48, num_heads=32,
+                       ffn_dim=10240, vl_start=44, layer_scale_init=None, use_abs_pos_emb=True,
+                       use_rel_pos_bias=False, vocab_size=64000)
