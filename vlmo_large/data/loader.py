@@ -1,0 +1,221 @@
+"""The training data loader: batches from webdataset shards, resumable mid-epoch.
+
+    loader = build_loader("image_text", "data/cc/{000000..000999}.tar", 256, tokenizer=tok,
+                          image_size=224, max_text_len=40, num_workers=8)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)          # keeps a restored position if it is this epoch
+        for batch in loader: ...
+    ckpt["data"] = loader.state_dict()   # JSON-serialisable; loader.load_state_dict(...) restores
+
+Order. Workers (torch DataLoader processes, or one in-process stream when num_workers=0) each
+produce one sample at a time; the DataLoader takes them round-robin, skipping finished workers,
+and batches are cut from that sequence in the main process. Every sample and its augmentation is
+a pure function of (seed, epoch, rank, worker layout, shard list), see sample_stream.
+
+State. Per worker: how many raw records it has delivered into yielded batches (`pos`), whether it
+is finished, and which shards it has completely delivered; plus the epoch, the worker whose turn
+is next, the skip counts, and the shard order of the epoch if it was re-laid-out (below).
+Samples of a batch cut off by drop_last at the end of an epoch count as delivered. When an epoch
+has been iterated to its end, the state moves to the next epoch at position 0.
+
+Restore:
+- Same layout (world_size, num_workers; each rank loads the state it saved): exact. The stream
+  continues with exactly the samples, augmentations and masks an uninterrupted run would have
+  produced next; nothing of the epoch repeats or goes missing.
+- Changed layout (other world size or worker count): pass the states of ALL old ranks merged
+  with `merge_loader_states`. The epoch continues at shard granularity: shards every old worker
+  had completely delivered are not read again; the remaining shards of the epoch (in the epoch's
+  order) are dealt round-robin to the new workers and read from their start, so samples of shards
+  that were partly delivered at save time are seen a second time. Later epochs are exact again.
+- A single rank's state for a changed layout is refused (the other ranks' progress is unknown).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from typing import Sequence
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from vlmo_large.data.sample_processing import SampleProcessor, collate
+from vlmo_large.data.sample_stream import SampleStream, epoch_shard_order
+from vlmo_large.data.shard_list import expand_shards
+
+STATE_VERSION = 1
+
+
+def _fingerprint(shards: Sequence[str]) -> str:
+    return hashlib.sha1(json.dumps(list(shards)).encode()).hexdigest()[:16]
+
+
+class StreamLoader:
+    def __init__(self, stream: SampleStream, batch_size: int, *, num_workers: int = 0,
+                 drop_last: bool = True, prefetch_factor: int = 4, epoch: int = 0):
+        self.stream = stream
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+        self.prefetch_factor = prefetch_factor
+        self._reset_epoch(epoch)
+        self._skips: Counter = Counter()
+
+    # ----- epoch and position -------------------------------------------------------------
+    def _reset_epoch(self, epoch: int, epoch_shards: list[str] | None = None) -> None:
+        self.epoch = epoch
+        self._epoch_shards = epoch_shards
+        self._workers = {w: {"pos": 0, "done": False, "completed": []}
+                         for w in range(self.stream.num_workers)}
+        self._last_worker: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` at its beginning, unless the loader already stands inside it (restored)."""
+        if epoch != self.epoch:
+            self._reset_epoch(epoch)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Records skipped or converted, by reason, over all workers of this rank so far."""
+        return dict(self._skips)
+
+    def _next_worker(self) -> int | None:
+        n = self.stream.num_workers
+        start = 0 if self._last_worker is None else self._last_worker + 1
+        for step in range(n):
+            w = (start + step) % n
+            if not self._workers[w]["done"]:
+                return w
+        return None
+
+    # ----- iteration ----------------------------------------------------------------------
+    def __iter__(self):
+        stream = self.stream
+        stream.epoch, stream.epoch_shards = self.epoch, self._epoch_shards
+        nxt = self._next_worker()
+        stream.resume = {w: {"pos": s["pos"], "done": s["done"],
+                             "placeholder": nxt is not None and w < nxt and self._last_worker is not None}
+                         for w, s in self._workers.items()}
+        if self.num_workers > 0:
+            items = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                    prefetch_factor=self.prefetch_factor, persistent_workers=False))
+        else:
+            items = iter(stream)
+        staged = {w: dict(s, completed=list(s["completed"])) for w, s in self._workers.items()}
+        staged_skips, last_worker = Counter(), self._last_worker
+        pending: list[dict] = []
+
+        def commit():
+            nonlocal staged_skips
+            self._workers = {w: dict(s, completed=list(s["completed"])) for w, s in staged.items()}
+            self._skips.update(staged_skips)
+            self._last_worker = last_worker
+            staged_skips = Counter()
+
+        for item in items:
+            if item.get("placeholder"):
+                continue
+            w = item["w"]
+            last_worker = w
+            staged[w]["pos"] = item["pos"]
+            staged[w]["completed"].extend(item["completed"])
+            staged_skips.update(item["events"])
+            if item.get("end"):
+                staged[w]["done"] = True
+                continue
+            pending.append(item["sample"])
+            if len(pending) == self.batch_size:
+                commit()
+                yield collate(pending)
+                pending = []
+        commit()
+        if pending and not self.drop_last:
+            yield collate(pending)
+        self._reset_epoch(self.epoch + 1)
+
+    # ----- checkpointing --------------------------------------------------------------------
+    def _layout(self) -> dict:
+        s = self.stream
+        return {"world_size": s.world_size, "num_workers": s.num_workers}
+
+    def state_dict(self) -> dict:
+        s = self.stream
+        return {"version": STATE_VERSION, "kind": s.processor.kind, "seed": s.seed, "epoch": self.epoch,
+                "shards": _fingerprint(s.shards), "epoch_shards": self._epoch_shards,
+                **self._layout(), "last_worker": {str(s.rank): self._last_worker},
+                "workers": {f"{s.rank}/{w}": dict(v, completed=list(v["completed"]))
+                            for w, v in self._workers.items()},
+                "skip_counts": dict(self._skips)}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.stream
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported data state version {state.get('version')}")
+        for key, mine in (("kind", s.processor.kind), ("seed", s.seed), ("shards", _fingerprint(s.shards))):
+            if state[key] != mine:
+                raise ValueError(f"data state was saved with another {key} ({state[key]!r} != {mine!r})")
+        mine = [f"{s.rank}/{w}" for w in range(s.num_workers)]
+        if {k: state[k] for k in self._layout()} == self._layout() and all(k in state["workers"] for k in mine):
+            self._reset_epoch(state["epoch"], state["epoch_shards"])
+            self._workers = {w: dict(state["workers"][k], completed=list(state["workers"][k]["completed"]))
+                             for w, k in enumerate(mine)}
+            self._last_worker = state["last_worker"].get(str(s.rank))
+            self._skips = Counter(state["skip_counts"])
+            return
+        old = [f"{r}/{w}" for r in range(state["world_size"]) for w in range(state["num_workers"])]
+        if not all(k in state["workers"] for k in old):
+            raise ValueError("the worker layout changed (world_size/num_workers) and this state holds only "
+                             "some ranks' progress; restore from merge_loader_states(all ranks' states)")
+        done = {p for k in old for p in state["workers"][k]["completed"]}
+        order = (state["epoch_shards"] if state["epoch_shards"] is not None
+                 else epoch_shard_order(s.shards, s.seed, state["epoch"], s.shuffle))
+        self._reset_epoch(state["epoch"], [p for p in order if p not in done])
+        # every rank receives the merged counts; report them once, from rank 0
+        self._skips = Counter(state["skip_counts"]) if s.rank == 0 else Counter()
+
+
+def merge_loader_states(states: Sequence[dict]) -> dict:
+    """Combine the states saved by every rank into one (needed to restore with another layout)."""
+    merged = dict(states[0], workers={}, last_worker={}, skip_counts=Counter())
+    for st in states:
+        for key in ("kind", "seed", "shards", "epoch", "world_size", "num_workers"):
+            if st[key] != merged[key]:
+                raise ValueError(f"rank states disagree on {key}")
+        merged["workers"].update(st["workers"])
+        merged["last_worker"].update(st["last_worker"])
+        merged["skip_counts"].update(st["skip_counts"])
+    merged["skip_counts"] = dict(merged["skip_counts"])
+    return merged
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit data-parallel rank/size win; else torch.distributed's; else a single process."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return (dist.get_rank() if rank is None else rank,
+                dist.get_world_size() if world_size is None else world_size)
+    return rank or 0, world_size or 1
+
+
+def build_loader(kind: str, shards, batch_size: int, *, tokenizer=None, image_size: int = 224,
+                 max_text_len: int = 40, train: bool = True, rank: int | None = None,
+                 world_size: int | None = None, num_workers: int = 0, seed: int = 0, epoch: int = 0,
+                 mlm_prob: float = 0.15, mim_ratio: float = 0.4, patch_size: int = 16,
+                 drop_last: bool = True, shuffle_buffer: int = 1000, augment: str = "spec",
+                 prefetch_factor: int = 4) -> StreamLoader:
+    """A resumable loader of `kind` in {"image_text", "image", "text"} batches (see module doc).
+
+    rank/world_size: the DATA-parallel rank and size (pass megatron's DP rank under tensor or
+    pipeline parallelism); when omitted, torch.distributed's, else 0/1. `augment`: "spec",
+    "light" or "none" (transforms.py); ignored when train=False.
+    """
+    rank, world_size = _resolve_rank(rank, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    processor = SampleProcessor(kind, tokenizer, image_size, max_text_len, train=train,
+                                mlm_prob=mlm_prob, mim_ratio=mim_ratio, patch_size=patch_size,
+                                augment=augment)
+    stream = SampleStream(expand_shards(shards), processor, rank=rank, world_size=world_size,
+                          num_workers=num_workers, seed=seed, shuffle=train, shuffle_buffer=shuffle_buffer)
+    return StreamLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last,
+                        prefetch_factor=prefetch_factor, epoch=epoch)
