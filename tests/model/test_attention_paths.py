@@ -1,0 +1,61 @@
+"""The fused SDPA path equals the explicit reference attention in every encoder mode."""
+import pytest
+import torch
+
+from tests.conftest import image_batch, text_batch
+
+
+def _set_backend(model, backend):
+    for block in model.backbone.blocks:
+        block.attn.backend = backend
+
+
+def _all_modes(model, ids, mask, images):
+    bb = model.backbone
+    image, image_vl = bb.encode_image(images, vl_branch=True)
+    text, text_vl = bb.encode_text(ids, mask, vl_branch=True)
+    return [image, image_vl, text, text_vl, bb.encode_pair(ids, mask, images)]
+
+
+@pytest.mark.parametrize("preset_overrides", [{}, {"use_rel_pos_bias": False, "use_abs_pos_emb": True,
+                                                   "layer_scale_init": None}])
+def test_sdpa_equals_explicit_with_padding(preset_overrides):
+    from tests.conftest import randomize_
+    from vlmo_large.model import build_model
+    torch.manual_seed(0)
+    model = randomize_(build_model("tiny", **preset_overrides).eval())
+    cfg = model.cfg
+    ids, mask = text_batch(cfg, 3, lengths=[cfg.max_text_len, 20, 5])
+    images = image_batch(cfg, 3)
+    _set_backend(model, "explicit")
+    reference = _all_modes(model, ids, mask, images)
+    _set_backend(model, "sdpa")
+    fused = _all_modes(model, ids, mask, images)
+    for ref, out in zip(reference, fused):  # 1e-6 relative to the features' scale
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_padding_is_masked_out(tiny_model):
+    """Changing padded token ids must not change any real token's output (keys are masked)."""
+    cfg = tiny_model.cfg
+    ids, mask = text_batch(cfg, 2, lengths=[10, 20])
+    images = image_batch(cfg, 2)
+    other = ids.clone()
+    other[mask == 0] = 7
+    bb = tiny_model.backbone
+    for fn in (lambda i: bb.encode_text(i, mask), lambda i: bb.encode_pair(i, mask, images)):
+        a, b = fn(ids), fn(other)
+        keep = torch.cat([mask, torch.ones(2, a.shape[1] - mask.shape[1], dtype=torch.long)], 1).bool()
+        torch.testing.assert_close(a[keep], b[keep], rtol=0, atol=1e-6)
+        assert not torch.allclose(a[~keep], b[~keep])  # the padded positions themselves do change
+
+
+def test_relative_bias_changes_attention(tiny_model):
+    """Guard against a bias that silently is not applied."""
+    cfg = tiny_model.cfg
+    images = image_batch(cfg, 2)
+    before = tiny_model.backbone.encode_image(images)
+    with torch.no_grad():
+        tiny_model.backbone.rel_pos.table[:, :cfg.num_heads].add_(1.0 * torch.randn_like(
+            tiny_model.backbone.rel_pos.table[:, :cfg.num_heads]))
+    assert not torch.allclose(before, tiny_model.backbone.encode_image(images), atol=1e-4)

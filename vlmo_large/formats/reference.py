@@ -1,0 +1,127 @@
+"""The reference VLMo checkpoint layout (spec section 7) <-> this project's names.
+
+Both layouts hold the same tensors with the same shapes (the merged relative table included), so
+conversion is renaming, plus resampling the relative table or absolute positions when the
+checkpoint was trained at another image size.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from vlmo_large.config import ModelConfig
+from vlmo_large.formats.io import LoadReport, load_into, load_torch_file
+from vlmo_large.model.relative_position import resample_table
+
+_EXPERT = {"text": "text", "imag": "imag", "vl": "vl"}
+
+# (this project's name, reference name); `{i}` is a layer index, `{e}` an expert, `{p}` weight|bias.
+_PAIRS = [
+    ("backbone.text_embeddings.word_embeddings.weight", "text_embeddings.word_embeddings.weight"),
+    ("backbone.text_embeddings.position_embeddings.weight", "text_embeddings.position_embeddings.weight"),
+    ("backbone.text_embeddings.token_type_embeddings.weight", "text_embeddings.token_type_embeddings.weight"),
+    ("backbone.text_embeddings.norm.{p}", "text_embeddings.LayerNorm.{p}"),
+    ("backbone.patch_embed.proj.{p}", "transformer.patch_embed.proj.{p}"),
+    ("backbone.patch_embed.cls_token", "transformer.cls_token"),
+    ("backbone.patch_embed.pos_embed", "transformer.pos_embed"),
+    ("backbone.modality_embed.weight", "token_type_embeddings.weight"),
+    ("backbone.rel_pos.table", "relative_position_bias_table"),
+    ("backbone.norm.{p}", "transformer.norm.{p}"),
+    ("backbone.blocks.{i}.norm1.{p}", "transformer.blocks.{i}.norm1.{p}"),
+    ("backbone.blocks.{i}.gamma_1", "transformer.blocks.{i}.gamma_1"),
+    ("backbone.blocks.{i}.gamma_2", "transformer.blocks.{i}.gamma_2"),
+    ("backbone.blocks.{i}.attn.qkv.weight", "transformer.blocks.{i}.attn.qkv.weight"),
+    ("backbone.blocks.{i}.attn.q_bias", "transformer.blocks.{i}.attn.q_bias"),
+    ("backbone.blocks.{i}.attn.v_bias", "transformer.blocks.{i}.attn.v_bias"),
+    ("backbone.blocks.{i}.attn.proj.{p}", "transformer.blocks.{i}.attn.proj.{p}"),
+    ("backbone.blocks.{i}.experts.{e}.norm.{p}", "transformer.blocks.{i}.norm2_{e}.{p}"),
+    ("backbone.blocks.{i}.experts.{e}.fc1.{p}", "transformer.blocks.{i}.mlp_{e}.fc1.{p}"),
+    ("backbone.blocks.{i}.experts.{e}.fc2.{p}", "transformer.blocks.{i}.mlp_{e}.fc2.{p}"),
+    ("itc.image_proj.weight", "itc_image_proj.fc.weight"),
+    ("itc.text_proj.weight", "itc_text_proj.fc.weight"),
+    ("itc.logit_scale", "logit_scale"),
+    ("itc_vl.image_proj.weight", "itc_vl_image_proj.fc.weight"),
+    ("itc_vl.text_proj.weight", "itc_vl_text_proj.fc.weight"),
+    ("itc_vl.logit_scale", "logit_vl_scale"),
+    ("pooler.dense.{p}", "pooler.dense.{p}"),
+    ("itm_head.{p}", "itm_score.fc.{p}"),
+    ("mlm_head.dense.{p}", "mlm_score.transform.dense.{p}"),
+    ("mlm_head.norm.{p}", "mlm_score.transform.LayerNorm.{p}"),
+    ("mlm_head.decoder.weight", "mlm_score.decoder.weight"),
+    ("mlm_head.decoder.bias", "mlm_score.bias"),
+]
+# Buffers of the reference model that carry no learned state.
+_REFERENCE_BUFFERS = re.compile(r"(^|\.)(position_ids|relative_position_index|text_relative_position_index|"
+                                r"text_imag_relative_position_index)$")
+
+_GROUPS = {"{i}": r"(?P<i>\d+)", "{e}": r"(?P<e>text|imag|vl)", "{p}": r"(?P<p>weight|bias)"}
+
+
+def _compile(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for key, group in _GROUPS.items():
+        pattern = pattern.replace(re.escape(key), group)
+    return re.compile(f"^{pattern}$")
+
+
+_TO_REF = [(_compile(ours), ref) for ours, ref in _PAIRS]
+_FROM_REF = [(_compile(ref), ours) for ours, ref in _PAIRS]
+
+
+def _rename(name: str, rules) -> str | None:
+    for pattern, template in rules:
+        match = pattern.match(name)
+        if match:
+            out = template
+            for key, value in match.groupdict().items():
+                out = out.replace("{" + key + "}", value)
+            return out
+    return None
+
+
+def to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This project's plain state dict -> reference names. Project-only tensors (MIM head) are dropped."""
+    out = {}
+    for name, tensor in state.items():
+        ref = _rename(name, _TO_REF)
+        if ref is not None:
+            out[ref] = tensor
+    return out
+
+
+def from_reference(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, list[str], list[str]]:
+    """Reference names -> this project's. Returns (state, unused reference keys, converted keys)."""
+    out, unused, converted = {}, [], []
+    for name, tensor in state.items():
+        ours = _rename(name, _FROM_REF)
+        if ours is None:
+            if not _REFERENCE_BUFFERS.search(name):
+                unused.append(name)
+            continue
+        out[ours] = tensor
+    table = out.get("backbone.rel_pos.table")
+    if table is not None:
+        old_grid = _grid_of_table(table.shape[0], cfg)
+        if old_grid != cfg.grid_size:
+            out["backbone.rel_pos.table"] = resample_table(table, old_grid, cfg.grid_size)
+            converted.append(f"backbone.rel_pos.table (grid {old_grid} -> {cfg.grid_size})")
+    return out, unused, converted
+
+
+def _grid_of_table(rows: int, cfg: ModelConfig) -> int:
+    image_rows = rows - 2 * cfg.max_text_len_of_initckpt - 2 - 3
+    side = round(image_rows ** 0.5)
+    if side * side != image_rows or side % 2 == 0:
+        raise ValueError(f"relative_position_bias_table with {rows} rows does not fit text span "
+                         f"{cfg.max_text_len_of_initckpt} (max_text_len_of_initckpt)")
+    return (side + 1) // 2
+
+
+def load_reference_checkpoint(model, path: str) -> LoadReport:
+    """Load a reference VLMo .pt/.pth/.ckpt (any of its wrappers) into `model` (TP=1)."""
+    state, unused, converted = from_reference(load_torch_file(path), model.cfg)
+    report = load_into(model, state, source=path)
+    report.unexpected += unused
+    report.converted += converted
+    return report

@@ -1,0 +1,112 @@
+"""The MoME backbone: embeddings, the shared relative bias, the blocks, one final norm.
+
+Encoder modes (spec section 1): `encode_image` (vision expert everywhere), `encode_text` (language
+expert everywhere), `encode_pair` (fused, text first: text/vision experts below `vl_start`, the
+vision-language expert from there up). With `vl_branch=True` the image-only and text-only passes
+also run their layer `vl_start - 1` states through the top layers in VL mode, the features of
+pretraining's second ITC loss.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlmo_large.config import ModelConfig
+from vlmo_large.model.block import MoMEBlock
+from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
+from vlmo_large.model.relative_position import RelativePositionBias
+from vlmo_large.model.tensor_parallel import init_normal, mark_tensor_parallel
+from vlmo_large.parallel import state
+
+TEXT_ROW, IMAGE_ROW = 0, 1
+
+
+class MoMEBackbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        tp = state.tp_size()
+        cfg.validate(tensor_parallel=tp)
+        self.cfg = cfg
+        self.text_embeddings = TextEmbeddings(cfg)
+        self.patch_embed = ImageEmbeddings(cfg)
+        self.modality_embed = nn.Embedding(cfg.num_modality_types, cfg.embed_dim)
+        self.rel_pos = None
+        if cfg.use_rel_pos_bias:
+            self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.max_text_len_of_initckpt, cfg.depth,
+                                                cfg.num_heads // tp)
+            mark_tensor_parallel(self.rel_pos.table, dim=1, stride=cfg.depth)
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(MoMEBlock(cfg, i, rates[i]) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.checkpoint_every = cfg.checkpoint_every
+        self._init_plain_modules()
+
+    def _init_plain_modules(self) -> None:
+        """megatron layers initialise themselves; the plain embeddings and norms are set here."""
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                init_normal(module.weight)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, every: int = 1) -> None:
+        """Recompute every `every`-th block in backward (0 turns it off)."""
+        self.checkpoint_every = every
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_embeddings(ids) + self.modality_embed.weight[TEXT_ROW]
+
+    def embed_image(self, images: torch.Tensor, modality_row: int = IMAGE_ROW,
+                    mim_mask: Optional[torch.Tensor] = None,
+                    mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.patch_embed(images, mim_mask, mask_token) + self.modality_embed.weight[modality_row]
+
+    # -- blocks ---------------------------------------------------------------------------------
+    def _bias(self, mode: str, text_len: int):
+        return None if self.rel_pos is None else self.rel_pos(mode, text_len)
+
+    def run_blocks(self, x: torch.Tensor, routes: list[str], bias, key_mask=None, text_len: int = 0,
+                   start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+        end = self.cfg.depth if end is None else end
+        for i in range(start, end):
+            block, layer_bias = self.blocks[i], None if bias is None else bias[i]
+            if self.checkpoint_every and self.training and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, routes[i], layer_bias, key_mask, text_len, use_reentrant=False)
+            else:
+                x = block(x, routes[i], layer_bias, key_mask, text_len)
+        return x
+
+    def _single_modality(self, x, expert: str, bias_mode: str, key_mask, text_len: int, vl_branch: bool):
+        cfg = self.cfg
+        bias = self._bias(bias_mode, text_len)
+        x = self.run_blocks(x, [expert] * cfg.depth, bias, key_mask, text_len, end=cfg.vl_start)
+        if vl_branch:
+            vl = self.run_blocks(x, ["vl"] * cfg.depth, bias, key_mask, text_len, start=cfg.vl_start)
+        x = self.run_blocks(x, [expert] * cfg.depth, bias, key_mask, text_len, start=cfg.vl_start)
+        return (self.norm(x), self.norm(vl)) if vl_branch else self.norm(x)
+
+    # -- encoder modes --------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, vl_branch: bool = False, modality_row: int = IMAGE_ROW,
+                     mim_mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None):
+        x = self.embed_image(images, modality_row, mim_mask, mask_token)
+        return self._single_modality(x, "imag", "image", None, 0, vl_branch)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, vl_branch: bool = False):
+        x = self.embed_text(ids)
+        return self._single_modality(x, "text", "text", mask.bool(), ids.shape[1], vl_branch)
+
+    def encode_pair(self, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor,
+                    modality_row: int = IMAGE_ROW) -> torch.Tensor:
+        """Fused encoder over [text ; image]; returns the final-normed sequence (text first)."""
+        text = self.embed_text(ids)
+        image = self.embed_image(images, modality_row)
+        x = torch.cat([text, image], 1)
+        key_mask = torch.cat([mask.bool(), torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], 1)
+        cfg, text_len = self.cfg, ids.shape[1]
+        routes = ["pair"] * cfg.vl_start + ["vl"] * cfg.num_vl_layers
+        return self.norm(self.run_blocks(x, routes, self._bias("pair", text_len), key_mask, text_len))

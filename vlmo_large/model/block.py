@@ -1,0 +1,62 @@
+"""The MoME block (spec section 1): shared attention, then one FFN expert per modality.
+
+    x = x + DropPath(gamma_1 * Attn(norm1(x)))
+    x = x + DropPath(gamma_2 * FFN_e(norm2_e(x)))
+
+`route` picks the expert: "imag", "text", "vl", or "pair" (text slice [:text_len] to the text
+expert, the image slice after it to the vision expert: a contiguous split, no gather).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+from vlmo_large.config import ModelConfig
+from vlmo_large.model.attention import SelfAttention
+from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear
+
+EXPERTS = ("text", "imag", "vl")
+
+
+class Expert(nn.Module):
+    """LayerNorm + FFN (Linear -> exact GELU -> Linear), fc1 column- and fc2 row-parallel."""
+
+    def __init__(self, dim: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = ColumnLinear(dim, ffn_dim)
+        self.fc2 = RowLinear(ffn_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class MoMEBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, drop_path: float):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = SelfAttention(dim, cfg.num_heads, cfg.attn_drop, cfg.attention)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if cfg.layer_scale_init is not None:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), cfg.layer_scale_init))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), cfg.layer_scale_init))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+        names = EXPERTS if layer >= cfg.vl_start else EXPERTS[:2]
+        self.experts = nn.ModuleDict({name: Expert(dim, cfg.ffn_dim, cfg.norm_eps) for name in names})
+
+    def _scale(self, gamma, x):
+        return x if gamma is None else gamma * x
+
+    def _ffn(self, x: torch.Tensor, route: str, text_len: int) -> torch.Tensor:
+        if route == "pair":
+            return torch.cat([self.experts["text"](x[:, :text_len]), self.experts["imag"](x[:, text_len:])], 1)
+        return self.experts[route](x)
+
+    def forward(self, x: torch.Tensor, route: str, bias: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, text_len: int = 0) -> torch.Tensor:
+        x = x + self.drop_path(self._scale(self.gamma_1, self.attn(self.norm1(x), bias, key_mask)))
+        return x + self.drop_path(self._scale(self.gamma_2, self._ffn(x, route, text_len)))

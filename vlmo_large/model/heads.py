@@ -1,0 +1,66 @@
+"""Pooler and pretraining heads (spec sections 4 and 5)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmo_large.config import ModelConfig
+from vlmo_large.model.tensor_parallel import ColumnLinear
+
+
+class Pooler(nn.Module):
+    """Linear + tanh on the first token (the text CLS in fused sequences)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class ContrastiveHeads(nn.Module):
+    """Bias-free image and text projections with a learned temperature, for one ITC loss."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.image_proj = nn.Linear(dim, dim, bias=False)
+        self.text_proj = nn.Linear(dim, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, image_cls: torch.Tensor, text_cls: torch.Tensor):
+        return (F.normalize(self.image_proj(image_cls), dim=-1),
+                F.normalize(self.text_proj(text_cls), dim=-1))
+
+
+class MLMHead(nn.Module):
+    """Linear + GELU + LayerNorm, then an untied vocab-parallel decoder with its own bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.text_norm_eps)
+        self.decoder = ColumnLinear(cfg.embed_dim, cfg.vocab_size, bias=True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """-> logits over this rank's slice of the vocabulary."""
+        return self.decoder(self.norm(F.gelu(self.dense(hidden))))
+
+
+class MIMHead(nn.Module):
+    """Stage 1: a mask token for the patch embedding and a linear predictor per masked patch.
+
+    Target "pixel": the patch's normalised pixels (patch*patch*3 values); "token": visual-token ids.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        out = cfg.patch_size ** 2 * cfg.in_chans if cfg.mim_target == "pixel" else cfg.mim_vocab_size
+        self.predictor = nn.Linear(cfg.embed_dim, out)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.predictor(hidden)
