@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from vlmo_large.formats.io import LoadReport, load_into, load_torch_file
+from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
 from vlmo_large.model.relative_position import resample_table
 
 _RENAMES = [
@@ -67,6 +67,10 @@ def _merge_tables(tables: dict[int, torch.Tensor], model, converted: list[str]) 
     merged = model.backbone.rel_pos.table.detach().clone()
     heads = cfg.num_heads
     for layer, table in sorted(tables.items()):
+        name = f"blocks.{layer}.attn.relative_position_bias_table"
+        if layer >= cfg.depth or table.ndim != 2 or table.shape[1] != heads:
+            raise CheckpointError(f"tensor '{name}' of shape {tuple(table.shape)} does not fit preset "
+                                  f"'{cfg.name}' ({cfg.depth} layers of {heads} heads)")
         old_grid = (round((table.shape[0] - 3) ** 0.5) + 1) // 2
         if old_grid != cfg.grid_size:
             table = resample_table(table, old_grid, cfg.grid_size)

@@ -1,0 +1,90 @@
+"""Reference VLMo layout: export -> import is exact; wrappers, buffers and unknown keys are handled."""
+import pytest
+import torch
+
+from tests.conftest import randomize_
+from vlmo_large.formats.io import CheckpointError, load_torch_file
+from vlmo_large.formats.reference import load_reference_checkpoint, to_reference
+from vlmo_large.model import build_model
+
+
+def _model(preset="tiny", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return randomize_(build_model(preset, **overrides), seed=seed)
+
+
+def test_reference_names_follow_spec_section7():
+    ref = to_reference(build_model("base", device="meta").state_dict())
+    assert tuple(ref["relative_position_bias_table"].shape) == (1126, 144)
+    for key in ["logit_scale", "logit_vl_scale", "transformer.cls_token", "transformer.blocks.0.attn.q_bias",
+                "transformer.blocks.11.norm2_vl.weight", "transformer.blocks.0.mlp_imag.fc2.bias",
+                "text_embeddings.LayerNorm.weight", "token_type_embeddings.weight", "mlm_score.bias",
+                "mlm_score.decoder.weight", "itm_score.fc.weight", "itc_vl_text_proj.fc.weight"]:
+        assert key in ref, key
+    assert tuple(ref["transformer.blocks.0.attn.qkv.weight"].shape) == (2304, 768)
+    assert "transformer.blocks.9.mlp_vl.fc1.weight" not in ref  # VL experts only in the top 2 of base
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "module", "model", None])
+def test_export_import_round_trip_is_exact(tmp_path, wrapper):
+    source = _model(seed=1)
+    ref = to_reference(source.state_dict())
+    ref["text_embeddings.position_ids"] = torch.arange(32)[None]  # a buffer the reference saves
+    if wrapper == "module":
+        ref = {f"module.{k}": v for k, v in ref.items()}
+    payload = ref if wrapper is None else {wrapper: ref, "epoch": 3}
+    path = tmp_path / "ref.ckpt"
+    torch.save(payload, path)
+
+    target = _model(seed=2)
+    report = load_reference_checkpoint(target, str(path))
+    assert report.unexpected == []
+    assert all(n.startswith("mim_head.") for n in report.missing)  # project-only head
+    src, dst = source.state_dict(), target.state_dict()
+    for name in src:
+        if not name.startswith("mim_head."):
+            assert torch.equal(src[name], dst[name]), name
+    ids = torch.randint(1, 1024, (2, 32))
+    mask = torch.ones_like(ids)
+    images = torch.randn(2, 3, 64, 64)
+    source.eval(), target.eval()
+    assert torch.equal(source.backbone.encode_pair(ids, mask, images), target.backbone.encode_pair(ids, mask, images))
+
+
+def test_unknown_keys_are_reported_by_name(tmp_path):
+    ref = to_reference(_model().state_dict())
+    ref["vqa_classifier.0.weight"] = torch.zeros(3, 3)
+    del ref["transformer.blocks.0.gamma_1"]
+    torch.save({"state_dict": ref}, tmp_path / "r.pt")
+    report = load_reference_checkpoint(_model(), str(tmp_path / "r.pt"))
+    assert report.unexpected == ["vqa_classifier.0.weight"]
+    assert "backbone.blocks.0.gamma_1" in report.missing
+    assert "vqa_classifier.0.weight" in report.summary()
+
+
+def test_relative_table_resampled_for_another_image_size(tmp_path):
+    source = _model()
+    torch.save(to_reference(source.state_dict()), tmp_path / "r.pt")
+    target = _model(image_size=96)  # grid 6 instead of 4
+    report = load_reference_checkpoint(target, str(tmp_path / "r.pt"))
+    assert any("grid 4 -> 6" in c for c in report.converted)
+    assert target.backbone.rel_pos.table.shape[0] == 11 ** 2 + 3 + 2 * 64 + 2
+
+
+def test_code_in_a_checkpoint_is_not_executed(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("open('%s', 'w').write('pwned')" % (tmp_path / "flag"),))
+
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_torch_file(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "flag").exists()
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    torch.save({"a": torch.zeros(1000)}, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_torch_file(str(tmp_path / "cut.pt"))
