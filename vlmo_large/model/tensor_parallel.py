@@ -44,6 +44,7 @@ class ColumnLinear(_PlainStateDict, ColumnParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, stride: int = 1):
         super().__init__(in_features, out_features, config=parallel_config(), init_method=init_normal,
                          bias=bias, gather_output=False, stride=stride, tp_group=state.tp_group())
+        mark_tensor_parallel(self.weight, dim=0, stride=stride)  # megatron skips this without init
         self._drop_extra_state_hooks()
         self.single_rank = self.tp_group is None or self.tp_group.size() == 1
 
@@ -62,6 +63,7 @@ class RowLinear(_PlainStateDict, RowParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, config=parallel_config(), init_method=init_normal,
                          bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
+        mark_tensor_parallel(self.weight, dim=1)
         self._drop_extra_state_hooks()
         self.single_rank = self.tp_group is None or self.tp_group.size() == 1
 
@@ -72,8 +74,10 @@ class RowLinear(_PlainStateDict, RowParallelLinear):
 
 
 def vocab_embedding(vocab_size: int, dim: int) -> VocabParallelEmbedding:
-    return VocabParallelEmbedding(vocab_size, dim, init_method=init_normal, config=parallel_config(),
-                                  tp_group=state.tp_group())
+    embedding = VocabParallelEmbedding(vocab_size, dim, init_method=init_normal, config=parallel_config(),
+                                       tp_group=state.tp_group())
+    mark_tensor_parallel(embedding.weight, dim=0)
+    return embedding
 
 
 def mark_tensor_parallel(param: nn.Parameter, dim: int = 0, stride: int = 1) -> nn.Parameter:
