@@ -28,7 +28,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(_backend(), timeout=timeout)
     else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(_backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def ensure_initialized(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
