@@ -11,8 +11,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                           set_tensor_model_parallel_attributes)
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -82,5 +81,7 @@ def vocab_embedding(vocab_size: int, dim: int) -> VocabParallelEmbedding:
 
 def mark_tensor_parallel(param: nn.Parameter, dim: int = 0, stride: int = 1) -> nn.Parameter:
     """Tell megatron/DeepSpeed (grad-norm, checkpoints) that this parameter is split across TP."""
-    set_tensor_model_parallel_attributes(param, True, dim, stride)
+    param.tensor_model_parallel = True  # megatron's attribute names; set directly as its helper
+    param.partition_dim = dim           # refuses to overwrite what its own init already set
+    param.partition_stride = stride
     return param
