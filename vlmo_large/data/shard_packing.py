@@ -147,9 +147,9 @@ def _sample(kind: str, item: dict, key: str, max_side: int | None) -> dict:
 
 
 def _write_shard(job) -> tuple[str, int, dict]:
-    kind, path, items, first_index, key_prefix, max_side = job
+    kind, path, items, first_index, key_prefix, max_side, mtime = job
     skipped, written = Counter(), 0
-    with wds.TarWriter(path + ".tmp") as sink:
+    with wds.TarWriter(path + ".tmp", mtime=mtime) as sink:
         for offset, item in enumerate(items):
             key = item.get("key") or f"{key_prefix}{first_index + offset:09d}"
             try:
@@ -164,17 +164,18 @@ def _write_shard(job) -> tuple[str, int, dict]:
 # ----- packing --------------------------------------------------------------------------------
 def pack_shards(items: Sequence[dict], out_dir: str, kind: str, *, samples_per_shard: int = 10000,
                 max_image_side: int | None = None, num_procs: int = 1, prefix: str = "shard",
-                key_prefix: str = "", progress: bool = True) -> dict:
+                key_prefix: str = "", progress: bool = True, mtime: float | None = None) -> dict:
     """Write `items` as shards `<out_dir>/<prefix>-NNNNNN.tar` plus `<prefix>-index.json`;
     return the index. Items: {"image": path | "image_bytes": bytes, "captions": [...],
-    "text": str|bytes, "key": optional, "extra": {ext: bytes}}."""
+    "text": str|bytes, "key": optional, "extra": {ext: bytes}}. A fixed `mtime` makes the shard
+    bytes reproducible (default: the current time)."""
     if kind not in ("image_text", "image", "text"):
         raise ValueError(f"unknown kind {kind!r}")
     os.makedirs(out_dir, exist_ok=True)
     jobs = []
     for n, start in enumerate(range(0, len(items), samples_per_shard)):
         path = os.path.join(out_dir, f"{prefix}-{n:06d}.tar")
-        jobs.append((kind, path, list(items[start:start + samples_per_shard]), start, key_prefix, max_image_side))
+        jobs.append((kind, path, list(items[start:start + samples_per_shard]), start, key_prefix, max_image_side, mtime))
     results = []
     bar = tqdm(total=len(jobs), desc=f"packing {kind}", unit="shard", disable=not progress)
     if num_procs > 1 and len(jobs) > 1:

@@ -136,7 +136,7 @@ def make_synthetic(out_dir: str, *, num_pairs: int = 2000, num_images: int | Non
     for (kind, split), items in portions.items():
         index = pack_shards(items, os.path.join(out_dir, kind if split != "retrieval" else "retrieval"), kind,
                             samples_per_shard=samples_per_shard, prefix=split,
-                            key_prefix=f"{kind}-{split}-", progress=progress)
+                            key_prefix=f"{kind}-{split}-", progress=progress, mtime=0.0)
         folder = os.path.dirname(index["pattern"])
         manifest["files"] += [os.path.join(folder, s["name"]) for s in index["shards"]]
         manifest.setdefault(kind if split != "retrieval" else "retrieval", {})[
