@@ -20,6 +20,7 @@ setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
         "webdataset>=0.2.86",
+        "braceexpand",
         "mlflow>=2.16",
         "safetensors>=0.4",
         "pyyaml",
