@@ -1,0 +1,88 @@
+"""The tracker interface the trainer calls, its no-op version (every rank but 0), and `create_tracker`.
+
+    tracker = create_tracker(out_dir, rank=global_rank)          # sqlite:///<out_dir>/mlflow.db
+    tracker.log_run_setup(config=cfg, ds_config=ds, preset="large", layout={"tp": 2, "pp": 1, "dp": 4, "zero": 1})
+    tracker.log_metrics({"loss": 2.3, "lr": 1e-4}, step)
+    tracker.finish("FINISHED")
+
+No method raises into the caller or waits on the network (see mlflow_tracker.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from vlmo_large.tracking.params import run_setup
+
+
+class Tracker:
+    """Does nothing; the tracker of ranks other than 0. `MlflowTracker` overrides every method."""
+
+    enabled = False
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Nested dicts / dataclasses are flattened to "a.b.c" keys."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_figure(self, fig, name: str) -> None:
+        """Save a matplotlib figure (PNG unless `name` has another extension) and log it."""
+
+    def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
+        """Deliver what is buffered (up to `timeout` seconds), then close the run with `status`
+        ("FINISHED", "FAILED" or "KILLED")."""
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait up to `timeout` s until everything logged so far is delivered; True if it was."""
+        return True
+
+    def health(self) -> dict[str, Any]:
+        """connected, outages, dropped_metrics, pending_metrics, last_error."""
+        return {"connected": None, "outages": 0, "dropped_metrics": 0, "pending_metrics": 0, "last_error": None}
+
+    def log_run_setup(self, config: Any = None, ds_config: Any = None, preset: Any = None,
+                      layout: Any = None, commit: str | None = None) -> None:
+        """Params for the resolved config, DeepSpeed config, preset, layout (tp/pp/dp/zero) and the
+        git commit; the untruncated record also as the artifact run_setup.json."""
+        if not self.enabled:
+            return
+        setup = run_setup(config, ds_config, preset, layout, commit)
+        self.log_params(setup)
+        if setup.get("git_commit"):
+            self.set_tags({"mlflow.source.git.commit": setup["git_commit"]})  # shown by the MLflow UI
+        path = Path(self.output_dir) / "run_setup.json"
+        path.write_text(json.dumps(setup, indent=2, sort_keys=True))
+        self.log_artifact(path)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish("FAILED" if exc_type else "FINISHED")
+
+
+def create_tracker(output_dir: str | os.PathLike, tracking_uri: str | None = None,
+                   experiment: str = "vlmo_large", run_name: str | None = None, rank: int = 0,
+                   **options) -> Tracker:
+    """Rank 0: an MLflow tracker; other ranks: a no-op `Tracker`.
+
+    Default store: MLflow's embedded store in `output_dir` (sqlite:///<output_dir>/mlflow.db,
+    artifacts under <output_dir>/mlruns); view it with
+    `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`. `tracking_uri` (http://host:port)
+    logs to a tracking server instead. `options` go to `MlflowTracker` (run_id to resume a run,
+    tags, max_buffered_metrics, retry_interval).
+    """
+    if rank != 0:
+        return Tracker()
+    from vlmo_large.tracking.mlflow_tracker import MlflowTracker  # mlflow is imported on rank 0 only
+    return MlflowTracker(output_dir, tracking_uri, experiment, run_name, **options)
