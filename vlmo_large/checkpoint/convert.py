@@ -1,0 +1,130 @@
+"""Conversions into a plain checkpoint: from a DeepSpeed checkpoint of any TP x DP x ZeRO layout,
+from a reference VLMo checkpoint, and from BEiT/timm vision weights."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from vlmo_large.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
+from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout, resolve_config, strip_prefix
+from vlmo_large.checkpoint.plain import CONFIG_NAME, write_plain, write_plain_dict
+from vlmo_large.config import ModelConfig
+from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
+from vlmo_large.formats.reference import from_reference, to_reference
+from vlmo_large.parallel.sharding import unshard
+
+CONFIG_KEYS = ("model_config", "model_cfg", "config")
+VOCAB_TENSORS = ("backbone.text_embeddings.word_embeddings.weight", "mlm_head.decoder.weight", "mlm_head.decoder.bias")
+
+
+def stored_config(ckpt: DeepSpeedCheckpoint) -> tuple[dict | None, str]:
+    """The model config a trainer left in client_state, or a config.json beside the checkpoint."""
+    for key in CONFIG_KEYS:
+        value = ckpt.client_state.get(key)
+        if isinstance(value, dict) and "embed_dim" in value:
+            return value, f"{ckpt.ranks[0].model_file} (client_state['{key}'])"
+    for folder in (ckpt.folder, os.path.dirname(ckpt.folder.rstrip("/"))):
+        path = os.path.join(folder, CONFIG_NAME)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f), path
+    return None, ckpt.folder
+
+
+def open_deepspeed(ckpt_path: str, preset: str | None = None, config_path: str | None = None,
+                   tag: str | None = None):
+    """-> (checkpoint, model config, layout, {our name: checkpoint name}); checks names and presence."""
+    ckpt = DeepSpeedCheckpoint(ckpt_path, tag)
+    found, source = stored_config(ckpt)
+    cfg = resolve_config(preset, config_path, found, source)
+    layout = model_layout(cfg)
+    to_ds = {ours: ds for ds, ours in strip_prefix(ckpt.names(), set(layout), ckpt.folder).items()}
+    for name in layout:
+        if name not in to_ds:
+            raise CheckpointError(f"{ckpt.folder}: tensor '{name}' of preset '{cfg.name}' is not in the checkpoint")
+    origin = "the command line" if preset or config_path else source
+    print(f"reading {ckpt.describe()}; model '{cfg.name}', config from {origin}")
+    return ckpt, cfg, layout, to_ds
+
+
+def full_tensor(ckpt: DeepSpeedCheckpoint, layout: dict, to_ds: dict, name: str, key: str = "fp32") -> torch.Tensor:
+    """One full (TP-gathered) fp32 tensor: master weights or an Adam moment."""
+    info = layout[name]
+    shards = ckpt.shards(to_ds[name], key)
+    for rank, piece in enumerate(shards):
+        check_shape(to_ds[name], piece.shape, local_shape(info, ckpt.tp), ckpt.ranks[rank].model_file)
+    return shards[0] if info.place is None else unshard(shards, *info.place)
+
+
+def to_plain(ckpt_path: str, out_dir: str, preset: str | None = None, config_path: str | None = None,
+             naming: str = "vlmo_large", dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10 ** 9,
+             tag: str | None = None) -> list[str]:
+    """DeepSpeed checkpoint -> plain safetensors folder (fp32 master weights unless `dtype`)."""
+    ckpt, cfg, layout, to_ds = open_deepspeed(ckpt_path, preset, config_path, tag)
+    names = to_reference({n: n for n in layout}) if naming == "reference" else {n: n for n in layout}
+    out_dtype = dtype or torch.float32
+    entries = [(out, layout[ours].shape, out_dtype) for out, ours in names.items()]
+
+    def fetch(out_name: str) -> torch.Tensor:
+        return full_tensor(ckpt, layout, to_ds, names[out_name]).to(out_dtype).contiguous()
+
+    return write_plain(out_dir, entries, fetch, cfg, naming, max_shard_bytes, desc="to-plain")
+
+
+def resize_vocab(state: dict[str, torch.Tensor], cfg: ModelConfig, allow: bool, source: str,
+                 report: LoadReport) -> None:
+    """Copy the overlapping rows of vocabulary-sized tensors; the rest is initialised (std 0.02)."""
+    for name in VOCAB_TENSORS:
+        if name not in state or state[name].shape[0] == cfg.vocab_size:
+            continue
+        old = state[name]
+        if not allow:
+            raise CheckpointError(f"{source}: tensor '{name}' has {old.shape[0]} vocabulary rows, preset "
+                                  f"'{cfg.name}' has vocab_size {cfg.vocab_size}; pass --resize-vocab to copy "
+                                  "the overlapping rows and initialise the rest")
+        new = torch.zeros((cfg.vocab_size, *old.shape[1:]), dtype=old.dtype)
+        if name.endswith("weight"):
+            torch.nn.init.trunc_normal_(new, std=0.02, a=-0.04, b=0.04)
+        keep = min(old.shape[0], cfg.vocab_size)
+        new[:keep] = old[:keep]
+        state[name] = new
+        report.converted.append(f"{name} (vocabulary {old.shape[0]} -> {cfg.vocab_size} rows)")
+
+
+def import_reference(path: str, out_dir: str, cfg: ModelConfig, resize: bool = False, seed: int = 0,
+                     naming: str = "vlmo_large", max_shard_bytes: int = 5 * 10 ** 9) -> LoadReport:
+    """Reference VLMo .pt/.pth (any wrapper) -> plain checkpoint; tensors not in the file stay as initialised."""
+    from vlmo_large.model import build_model
+
+    state, unused, converted = from_reference(load_torch_file(path), cfg)
+    report = LoadReport(converted=converted)
+    resize_vocab(state, cfg, resize, path, report)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    loaded = load_into(model, state, source=path)
+    report.loaded, report.missing = loaded.loaded, loaded.missing
+    report.unexpected = loaded.unexpected + unused
+    _write_model(model, out_dir, cfg, naming, max_shard_bytes)
+    return report
+
+
+def import_beit(path: str, out_dir: str, cfg: ModelConfig, seed: int = 0, naming: str = "vlmo_large",
+                max_shard_bytes: int = 5 * 10 ** 9) -> LoadReport:
+    """BEiT/timm vision checkpoint -> plain checkpoint with the vision path filled."""
+    from vlmo_large.formats.beit import load_beit_checkpoint
+    from vlmo_large.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    report = load_beit_checkpoint(model, path)
+    _write_model(model, out_dir, cfg, naming, max_shard_bytes)
+    return report
+
+
+def _write_model(model, out_dir: str, cfg: ModelConfig, naming: str, max_shard_bytes: int) -> None:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if naming == "reference":
+        state = to_reference(state)
+    write_plain_dict(out_dir, state, cfg, naming, max_shard_bytes)

@@ -1,0 +1,172 @@
+"""The plain checkpoint: full (unsharded) tensors in safetensors files plus `config.json`.
+
+A folder holds `model.safetensors`, or, when split by size, `model-0000i-of-0000n.safetensors`
+files and a `model.safetensors.index.json` (HF's layout: {"metadata": {"total_size"},
+"weight_map": {tensor: file}}). `config.json` holds the ModelConfig fields and the naming
+("vlmo_large" or "reference"). Reading is lazy, one tensor at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from vlmo_large.checkpoint.safetensors_stream import nbytes, plan_shards, write_streamed
+from vlmo_large.config import ModelConfig
+from vlmo_large.formats.io import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+NAMING_KEY = "naming"  # in config.json: which tensor names the files use
+
+
+def config_to_dict(cfg: ModelConfig, naming: str = "vlmo_large") -> dict:
+    return {**dataclasses.asdict(cfg), NAMING_KEY: naming}
+
+
+def config_from_dict(values: dict, source: str) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(values) - fields - {NAMING_KEY}
+    if unknown:
+        raise CheckpointError(f"{source}: unknown model config key(s) {sorted(unknown)}")
+    return ModelConfig(**{k: v for k, v in values.items() if k in fields})
+
+
+def write_plain(out_dir: str, entries: list[tuple[str, tuple, torch.dtype]],
+                fetch: Callable[[str], torch.Tensor], cfg: ModelConfig | None, naming: str = "vlmo_large",
+                max_shard_bytes: int = 5 * 10 ** 9, desc: str = "writing") -> list[str]:
+    """Stream `entries` into a plain checkpoint folder; returns the files written."""
+    os.makedirs(out_dir, exist_ok=True)
+    shards = plan_shards(entries, max_shard_bytes)
+    files = [SINGLE_NAME] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with tqdm(total=len(entries), desc=desc, unit="tensor") as bar:
+        for file, indices in zip(files, shards):
+            write_streamed(os.path.join(out_dir, file), [entries[i] for i in indices], fetch,
+                           metadata={"format": "pt"}, on_tensor=lambda _: bar.update())
+    if len(files) > 1:
+        weight_map = {entries[i][0]: file for file, indices in zip(files, shards) for i in indices}
+        total = sum(nbytes(shape, dtype) for _, shape, dtype in entries)
+        with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    elif os.path.exists(os.path.join(out_dir, INDEX_NAME)):
+        os.remove(os.path.join(out_dir, INDEX_NAME))  # a stale index would point at other files
+    if cfg is not None:
+        with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+            json.dump(config_to_dict(cfg, naming), f, indent=2)
+    return files
+
+
+def write_plain_dict(out_dir: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None,
+                     naming: str = "vlmo_large", max_shard_bytes: int = 5 * 10 ** 9) -> list[str]:
+    entries = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    return write_plain(out_dir, entries, state.__getitem__, cfg, naming, max_shard_bytes)
+
+
+class PlainCheckpoint:
+    """Read a plain checkpoint folder (or one .safetensors file) lazily."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        if os.path.isfile(path):
+            folder, files = os.path.dirname(path), [os.path.basename(path)]
+            weight_map = None
+        elif os.path.isfile(os.path.join(path, INDEX_NAME)):
+            folder = path
+            weight_map = self._read_index(os.path.join(path, INDEX_NAME))
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
+            folder, files, weight_map = path, [SINGLE_NAME], None
+        else:
+            raise CheckpointError(f"{path}: not a plain checkpoint (no {SINGLE_NAME} or {INDEX_NAME})")
+        self.folder = folder
+        self._handles, self._where = {}, {}
+        for file in files:
+            full = os.path.join(folder, file)
+            if not os.path.isfile(full):
+                lost = [n for n, f in (weight_map or {}).items() if f == file]
+                raise CheckpointError(f"shard file {full} is missing (it holds {len(lost)} tensors, "
+                                      f"e.g. '{lost[0] if lost else '?'}')")
+            try:
+                handle = safe_open(full, framework="pt")
+                names = list(handle.keys())
+            except Exception as exc:
+                raise CheckpointError(f"cannot read safetensors file {full} (truncated or corrupt?): {exc}") from None
+            self._handles[full] = handle
+            self._check_size(full, handle, names)
+            for name in names:
+                self._where[name] = full
+        for name, file in (weight_map or {}).items():
+            if self._where.get(name) != os.path.join(folder, file):
+                raise CheckpointError(f"tensor '{name}' is listed in {INDEX_NAME} under {file} but that file "
+                                      "does not hold it")
+
+    @staticmethod
+    def _read_index(path: str) -> dict[str, str]:
+        try:
+            with open(path) as f:
+                return json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot read index {path}: {exc}") from None
+
+    @staticmethod
+    def _check_size(path: str, handle, names: list[str]) -> None:
+        """safe_open maps the file lazily; a truncated file is caught here, not at the first read."""
+        if not names:
+            return
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        if os.path.getsize(path) < 8 + header_len + end:
+            last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+            raise CheckpointError(f"{path} is truncated: {os.path.getsize(path)} bytes, the header needs "
+                                  f"{8 + header_len + end} (tensor '{last}' and maybe others are cut)")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> str:
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"{self._where[name]}: cannot read tensor '{name}': {exc}") from None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in self._where}
+
+    def config_dict(self) -> dict | None:
+        path = os.path.join(self.folder, CONFIG_NAME)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+    def config(self) -> ModelConfig | None:
+        values = self.config_dict()
+        return None if values is None else config_from_dict(values, os.path.join(self.folder, CONFIG_NAME))
+
+    @property
+    def naming(self) -> str:
+        return (self.config_dict() or {}).get(NAMING_KEY, "vlmo_large")

@@ -1,0 +1,157 @@
+"""Plain weights pre-split for a TP x PP run, and the loader a training or fine-tuning run's
+`--init` calls.
+
+Layout of a sharded folder: `tp{r}_of{N}.safetensors` per TP rank (with PP > 1:
+`tp{r}_of{N}-pp{s}_of{P}.safetensors`, blocks split into P contiguous ranges, embeddings and the
+relative table on the first stage, final norm and heads on the last), `config.json`, and
+`sharded.json` naming each tensor's stage file. Tensors keep this project's names; each rank reads
+only its own files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout
+from vlmo_large.checkpoint.plain import CONFIG_NAME, PlainCheckpoint, config_to_dict
+from vlmo_large.checkpoint.safetensors_stream import write_streamed
+from vlmo_large.config import ModelConfig
+from vlmo_large.formats.io import CheckpointError, LoadReport
+from vlmo_large.formats.reference import from_reference, to_reference
+from vlmo_large.parallel.sharding import shard, unshard
+
+MANIFEST = "sharded.json"
+_BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.")
+_FIRST_STAGE = ("backbone.text_embeddings.", "backbone.patch_embed.", "backbone.modality_embed.", "backbone.rel_pos.")
+
+
+def stage_of(name: str, cfg: ModelConfig, pp: int) -> int:
+    if (m := _BLOCK.match(name)):
+        per_stage = -(-cfg.depth // pp)
+        return int(m.group(1)) // per_stage
+    return 0 if name.startswith(_FIRST_STAGE) else pp - 1
+
+
+def shard_file(rank: int, tp: int, stage: int, pp: int) -> str:
+    return f"tp{rank}_of{tp}.safetensors" if pp == 1 else f"tp{rank}_of{tp}-pp{stage}_of{pp}.safetensors"
+
+
+def _plain_tensors(plain: PlainCheckpoint, cfg: ModelConfig, layout: dict):
+    """name (ours) -> a function reading that full tensor, whichever naming the plain files use."""
+    if plain.naming != "reference":
+        return {name: (lambda n=name: plain.get(n)) for name in plain.names()}
+    ours_of = to_reference({n: n for n in layout})  # reference name -> ours
+    return {ours: (lambda r=ref, o=ours: from_reference({r: plain.get(r)}, cfg)[0][o])
+            for ref, ours in ours_of.items() if ref in plain}
+
+
+def write_sharded(plain_path: str, out_dir: str, tp: int, pp: int = 1, cfg: ModelConfig | None = None) -> list[str]:
+    """Plain checkpoint -> per-(TP rank, PP stage) safetensors files; one tensor in memory at a time."""
+    plain = PlainCheckpoint(plain_path)
+    cfg = cfg or plain.config()
+    if cfg is None:
+        raise CheckpointError(f"{plain_path}: no config.json; pass --preset or --config")
+    cfg.validate(tensor_parallel=tp)
+    if pp > cfg.depth:
+        raise ValueError(f"cannot split {cfg.depth} layers into {pp} pipeline stages")
+    layout = model_layout(cfg)
+    readers = _plain_tensors(plain, cfg, layout)
+    for name in layout:
+        if name not in readers:
+            raise CheckpointError(f"{plain_path}: tensor '{name}' of preset '{cfg.name}' is missing")
+    os.makedirs(out_dir, exist_ok=True)
+    files, weight_map = [], {}
+    with tqdm(total=len(layout) * tp, desc="from-plain", unit="tensor") as bar:
+        for rank in range(tp):
+            for stage in range(pp):
+                names = [n for n in layout if stage_of(n, cfg, pp) == stage]
+                file = shard_file(rank, tp, stage, pp)
+                entries = [(n, local_shape(layout[n], tp), torch.float32) for n in names]
+
+                def fetch(name: str, rank=rank) -> torch.Tensor:
+                    full = readers[name]().float()
+                    check_shape(name, full.shape, layout[name].shape, plain.file_of(name) if name in plain else plain_path)
+                    place = layout[name].place
+                    return (full if place is None else shard(full, *place, rank, tp)).contiguous()
+
+                write_streamed(os.path.join(out_dir, file), entries, fetch, {"format": "pt"},
+                               on_tensor=lambda _: bar.update())
+                files.append(file)
+                if rank == 0:
+                    weight_map.update({n: stage for n in names})
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        json.dump(config_to_dict(cfg), f, indent=2)
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump({"tensor_parallel": tp, "pipeline_parallel": pp, "stage_of": weight_map}, f, indent=2)
+    return files
+
+
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {os.path.join(path, MANIFEST)}: {exc}") from None
+
+
+def load_sharded_plain(model: nn.Module, path: str) -> LoadReport:
+    """Load weights into this process's (TP-local, possibly one PP stage's) `model`.
+
+    `path` is a sharded folder (any TP size: a different one is re-split on the fly) or a plain
+    checkpoint. Call it before `deepspeed.initialize` (ZeRO-3 partitions the parameters there).
+    Every tensor the model has must be in the checkpoint with the right shape.
+    """
+    from vlmo_large.parallel import state
+
+    rank, world = state.tp_rank(), state.tp_size()
+    params = dict(model.named_parameters())
+    own = model.state_dict()
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        manifest = _read_manifest(path)
+        saved_tp, pp = manifest["tensor_parallel"], manifest["pipeline_parallel"]
+        stage_map = manifest["stage_of"]
+        ranks = [rank] if saved_tp == world else list(range(saved_tp))
+        opened = {}
+
+        def reader(r: int, stage: int) -> PlainCheckpoint:
+            key = (r, stage)
+            if key not in opened:
+                opened[key] = PlainCheckpoint(os.path.join(path, shard_file(r, saved_tp, stage, pp)))
+            return opened[key]
+
+        def local(name: str) -> torch.Tensor:
+            if name not in stage_map:
+                raise CheckpointError(f"{path}: tensor '{name}' is not in {MANIFEST} (a checkpoint of another preset?)")
+            pieces = [reader(r, stage_map[name]).get(name) for r in ranks]
+            if saved_tp == world:
+                return pieces[0]
+            place = _place(params, name)
+            full = pieces[0] if place is None else unshard(pieces, *place)
+            return full if place is None else shard(full, *place, rank, world)
+    else:
+        plain = PlainCheckpoint(path)
+
+        def local(name: str) -> torch.Tensor:
+            place = _place(params, name)
+            full = plain.get(name)
+            return full if place is None else shard(full, *place, rank, world)
+
+    report = LoadReport()
+    with torch.no_grad():
+        for name, target in own.items():
+            tensor = local(name)
+            check_shape(name, tensor.shape, target.shape, path)
+            target.copy_(tensor)
+            report.loaded.append(name)
+    return report
+
+
+def _place(params: dict, name: str):
+    from vlmo_large.parallel.sharding import placement
+
+    return placement(params[name]) if name in params else None
