@@ -19,9 +19,9 @@ from vlmo_large.evaluation.retrieval import similarities, text_retrieval_ranks, 
 GOLD, OTHER, MISSED = "#1a7f37", "#222222", "#9a6700"
 
 
-def denormalize(image: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """[3, H, W] normalised with the pretraining transform -> [H, W, 3] in [0, 1] for imshow."""
-    return (image.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+def denormalize(image: torch.Tensor, mean: float = 0.5, std: float = 0.5):
+    """[3, H, W] normalised with the pretraining transform -> [H, W, 3] numpy array in [0, 1]."""
+    return (image.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def retrieval_examples_figure(images: torch.Tensor, captions: Sequence[str], image_feats: torch.Tensor,
