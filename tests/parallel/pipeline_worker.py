@@ -1,0 +1,69 @@
+"""Run one optimizer step of pretraining stages 3, 1 and 2 through DeepSpeed's pipeline engine.
+
+Under torchrun: argv = weights.safetensors out_dir tp pp. Every stage starts from the same plain
+weights and micro-batches (`stage_batches`, also used by the single-process reference) and rank 0
+saves {"losses": {...}, "weights": plain state dict after the step} to out_dir/stage{N}.pt.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+import torch  # noqa: E402
+
+MICRO_BATCH, MICRO_BATCHES = 3, 2
+OPTIMIZER = {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-8, "weight_decay": 0.01}
+CLIP = 0.05  # small enough to clip in every stage: tests the global grad norm across stages and TP
+
+
+def ds_config(stage: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": MICRO_BATCHES,
+            "optimizer": {"type": "AdamW", "params": dict(OPTIMIZER, torch_adam=True)},
+            "zero_optimization": {"stage": 1}, "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False}
+
+
+def stage_batches(cfg, stage: int) -> list[dict]:
+    """Deterministic micro-batches in the data loader's keys."""
+    gen = torch.Generator().manual_seed(100 + stage)
+    out = []
+    for _ in range(MICRO_BATCHES):
+        B, T = MICRO_BATCH, cfg.max_text_len
+        ids = torch.randint(5, cfg.vocab_size, (B, T), generator=gen)
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[1, T // 2:] = 0
+        masked = torch.rand(B, T, generator=gen) < 0.3
+        masked[:, 0] = True
+        mb = {"image": torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=gen),
+              "text_ids": ids, "text_mask": mask,
+              "mlm_ids": torch.where(masked, torch.full_like(ids, 3), ids),
+              "mlm_labels": torch.where(masked & (mask > 0), ids, torch.full_like(ids, -100)),
+              "mim_mask": torch.rand(B, cfg.grid_size, cfg.grid_size, generator=gen) < 0.4}
+        out.append(mb)
+    return out
+
+
+def main(weights_path: str, out_dir: str, tp: int, pp: int) -> None:
+    from safetensors.torch import load_file
+
+    from vlmo_large.config import get_preset
+    from vlmo_large.parallel import state
+    from vlmo_large.parallel.pipeline_engine import PipelineStep, build_pipeline_engine
+    from vlmo_large.parallel.pipeline_weights import gather_plain_state_dict
+
+    cfg = get_preset("tiny")
+    weights = load_file(weights_path)
+    for stage in (3, 1, 2):
+        torch.manual_seed(0)
+        engine = build_pipeline_engine(cfg, stage, ds_config(stage), tp, pp, weights=weights)
+        step = PipelineStep(engine, seed=0)
+        run = {3: step.itc_itm_mlm, 1: step.mim, 2: step.text_mlm}[stage]
+        losses = run(stage_batches(cfg, stage))
+        after = gather_plain_state_dict(engine.module)
+        if torch.distributed.get_rank() == 0:
+            torch.save({"losses": losses, "weights": after}, os.path.join(out_dir, f"stage{stage}.pt"))
+    state.destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

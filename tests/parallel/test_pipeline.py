@@ -1,0 +1,63 @@
+"""DeepSpeed pipeline (PP=2, and TP=2 x PP=2) equals one process: losses, loss terms and weights after
+one ZeRO-1 AdamW step with gradient clipping, for pretraining stages 3 (ITC + hard-negative ITM +
+MLM), 1 (MIM) and 2 (text MLM). Real processes under torchrun, gloo, fp32, tiny preset."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import randomize_
+from tests.parallel.pipeline_reference import reference_step
+from tests.parallel.test_tensor_parallel import REPO, run_torchrun
+from vlmo_large.model import build_model
+from vlmo_large.parallel.pipeline_weights import trainable
+
+LAYOUTS = {"pp2": (1, 2), "tp2_pp2": (2, 2)}
+STAGES = (3, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomize_(build_model("tiny"), seed=5)
+    path = tmp_path_factory.mktemp("pipeline") / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def references(weights):
+    return {stage: reference_step(str(weights), stage) for stage in STAGES}
+
+
+@pytest.fixture(scope="module", params=[
+    "pp2", pytest.param("tp2_pp2", marks=pytest.mark.slow)])
+def pipeline_run(request, weights, tmp_path_factory):
+    tp, pp = LAYOUTS[request.param]
+    out = tmp_path_factory.mktemp(request.param)
+    run_torchrun(os.path.join(REPO, "tests/parallel/pipeline_worker.py"), [str(weights), str(out), str(tp), str(pp)],
+                 nproc=tp * pp, timeout=300)
+    return {stage: torch.load(out / f"stage{stage}.pt", weights_only=True) for stage in STAGES}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_losses_and_terms_match_one_process(pipeline_run, references, stage):
+    ref_losses, _ = references[stage]
+    got = pipeline_run[stage]["losses"]
+    assert set(got) == set(ref_losses), (sorted(got), sorted(ref_losses))
+    for name, ref in ref_losses.items():
+        assert got[name] == pytest.approx(ref, rel=1e-5), name
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_weights_after_one_step_match_one_process(pipeline_run, references, weights, stage):
+    _, ref_weights = references[stage]
+    got = pipeline_run[stage]["weights"]
+    before = load_file(str(weights))
+    trained = {n for n in ref_weights if trainable(n, stage)}
+    assert trained <= set(got), sorted(trained - set(got))
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, ref_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+        moved = not torch.equal(tensor, before[name])
+        assert moved == (name in trained), name  # frozen parameters stay, trained ones move

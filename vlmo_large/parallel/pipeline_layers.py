@@ -1,0 +1,220 @@
+"""MoME as pipeline layers that pass one tuple of named streams from stage to stage.
+
+DeepSpeed's pipeline engine sends a tuple of tensors between stages and returns a gradient for
+every floating tensor in it (integer tensors, the masks, travel without one). The *mode* fixes
+which streams the tuple holds:
+
+    itc_itm_mlm  image, text, text_mask, pair, pair_mask (+ image_vl, text_vl from layer vl_start)
+    dual         image, text, text_mask                   (no-grad pass: ITC features only)
+    mim          image                                    (stage 1, masked patches)
+    text_mlm     text, text_mask                          (stage 2)
+
+`pair` holds every fused sequence of a stage-3 step in one batch: the 3B ITM pairs (positive,
+negative image, negative text), then the B MLM pairs (masked text), so one block call serves all.
+Layer 0 embeds, layer 1 + i applies MoME block i to each stream with that stream's route, the last
+layer applies the final norm and the heads. Each block layer owns its own columns of the merged
+relative-position table, so a stage holds only its layers' bias (pipeline_weights.py maps names).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlmo_large.config import ModelConfig
+from vlmo_large.model.backbone import IMAGE_ROW, TEXT_ROW
+from vlmo_large.model.block import MoMEBlock
+from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
+from vlmo_large.model.heads import ContrastiveHeads, MLMHead, Pooler
+from vlmo_large.model.relative_position import RelativePositionBias
+from vlmo_large.model.tensor_parallel import init_normal, mark_tensor_parallel
+from vlmo_large.model.vlmo import _init_plain
+from vlmo_large.parallel import state
+
+# Pretraining stage -> the modes its pipeline runs (the first is its training mode).
+STAGE_MODES = {1: ("mim",), 2: ("text_mlm",), 3: ("itc_itm_mlm", "dual")}
+MODE_STREAMS = {
+    "itc_itm_mlm": ("image", "text", "text_mask", "pair", "pair_mask"),
+    "dual": ("image", "text", "text_mask"),
+    "mim": ("image",),
+    "text_mlm": ("text", "text_mask"),
+}
+VL_STREAMS = ("image_vl", "text_vl")
+MASKS = {"text": "text_mask", "text_vl": "text_mask", "pair": "pair_mask"}
+
+
+def stream_names(mode: str, num_tensors: int) -> tuple[str, ...]:
+    """Names of the tensors in a tuple of this mode; the VL branch shows as two extra tensors."""
+    names = MODE_STREAMS[mode]
+    return names + VL_STREAMS if num_tensors == len(names) + len(VL_STREAMS) else names
+
+
+def as_tuple(inputs) -> tuple:
+    return (inputs,) if torch.is_tensor(inputs) else tuple(inputs)
+
+
+class PipelineLayer(nn.Module):
+    """A layer that knows the current mode and the plain (VLMo) name of each of its parameters."""
+
+    plain_prefixes: dict[str, str] = {}
+
+    def __init__(self, cfg: ModelConfig, stage: int):
+        super().__init__()
+        self.cfg, self.stage, self.mode = cfg, stage, STAGE_MODES[stage][0]
+
+    def plain_name(self, local: str) -> str:
+        for prefix, plain in self.plain_prefixes.items():
+            if local.startswith(prefix):
+                return plain + local[len(prefix):]
+        raise KeyError(f"{type(self).__name__} has no plain name for '{local}'")
+
+    def init_plain_modules(self) -> None:
+        """The initialisation VLMo gives its plain (non-megatron) modules."""
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                init_normal(module.weight)
+            else:
+                _init_plain(module)
+
+
+class EmbeddingLayer(PipelineLayer):
+    plain_prefixes = {"text_embeddings.": "backbone.text_embeddings.", "patch_embed.": "backbone.patch_embed.",
+                      "modality_embed.": "backbone.modality_embed.", "mask_token": "mim_head.mask_token"}
+
+    def __init__(self, cfg: ModelConfig, stage: int):
+        super().__init__(cfg, stage)
+        self.text_embeddings = TextEmbeddings(cfg) if stage in (2, 3) else None
+        self.patch_embed = ImageEmbeddings(cfg) if stage in (1, 3) else None
+        self.modality_embed = nn.Embedding(cfg.num_modality_types, cfg.embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if stage == 1 else None
+        self.init_plain_modules()
+        if self.mask_token is not None:
+            init_normal(self.mask_token)
+
+    def _text(self, ids):
+        return self.text_embeddings(ids) + self.modality_embed.weight[TEXT_ROW]
+
+    def _image(self, images, mim_mask=None):
+        mask_token = None if mim_mask is None else self.mask_token
+        return self.patch_embed(images, mim_mask, mask_token) + self.modality_embed.weight[IMAGE_ROW]
+
+    def forward(self, inputs):
+        inputs = as_tuple(inputs)
+        if self.mode == "itc_itm_mlm":
+            images, ids, mask, pair_ids, pair_mask, pair_images = inputs
+            pair = torch.cat([self._text(pair_ids), self._image(pair_images)], 1)
+            return self._image(images), self._text(ids), mask, pair, pair_mask
+        if self.mode == "dual":
+            images, ids, mask = inputs
+            return self._image(images), self._text(ids), mask
+        if self.mode == "mim":
+            images, mim_mask = inputs
+            return (self._image(images, mim_mask.bool()),)
+        ids, mask = inputs
+        return self._text(ids), mask
+
+
+class BlockLayer(PipelineLayer):
+    """MoME block `index` applied to every stream of the tuple, each with its own route."""
+
+    def __init__(self, cfg: ModelConfig, stage: int, index: int):
+        super().__init__(cfg, stage)
+        self.index = index
+        rate = cfg.drop_path_rate * index / max(cfg.depth - 1, 1)  # the backbone's linspace
+        self.block = MoMEBlock(cfg, index, rate)
+        self.rel_pos = None
+        if cfg.use_rel_pos_bias:
+            self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.max_text_len_of_initckpt, 1,
+                                                cfg.num_heads // state.tp_size())
+            mark_tensor_parallel(self.rel_pos.table, dim=1)
+        self.plain_prefixes = {"block.": f"backbone.blocks.{index}.", "rel_pos.": "backbone.rel_pos."}
+
+    def _bias(self, kind: str, text_len: int):
+        return None if self.rel_pos is None else self.rel_pos(kind, text_len)[0]
+
+    def _route(self, name: str) -> tuple[str, str]:
+        """(expert route, relative-bias kind) of a stream at this layer."""
+        if name == "pair":
+            return ("pair" if self.index < self.cfg.vl_start else "vl"), "pair"
+        kind = "image" if name.startswith("image") else "text"
+        if name.endswith("_vl"):
+            return "vl", kind
+        return ("imag" if kind == "image" else "text"), kind
+
+    def _run_streams(self, *tensors):
+        streams = dict(zip(stream_names(self.mode, len(tensors)), tensors))
+        if self.mode == "itc_itm_mlm" and self.index == self.cfg.vl_start:
+            # the VL branch of ITC starts from the image/text states of layer vl_start - 1
+            streams["image_vl"], streams["text_vl"] = streams["image"], streams["text"]
+        text_len = streams["text_mask"].shape[1] if "text_mask" in streams else 0
+        masks = {"text_mask": None, "pair_mask": None}
+        if "text_mask" in streams:
+            masks["text_mask"] = streams["text_mask"].bool()
+        if "pair_mask" in streams:
+            pair_mask = streams["pair_mask"].bool()
+            image_len = streams["pair"].shape[1] - pair_mask.shape[1]
+            masks["pair_mask"] = torch.cat([pair_mask, pair_mask.new_ones(pair_mask.shape[0], image_len)], 1)
+        biases = {}
+        out = []
+        for name, x in streams.items():
+            if name.endswith("_mask"):
+                out.append(x)
+                continue
+            route, kind = self._route(name)
+            if kind not in biases:
+                biases[kind] = self._bias(kind, text_len)
+            key_mask = masks[MASKS[name]] if name in MASKS else None
+            out.append(self.block(x, route, biases[kind], key_mask, text_len))
+        return tuple(out)
+
+    def forward(self, inputs):
+        inputs = as_tuple(inputs)
+        every = self.cfg.checkpoint_every
+        if every and self.training and torch.is_grad_enabled() and self.index % every == 0:
+            return checkpoint(self._run_streams, *inputs, use_reentrant=False)
+        return self._run_streams(*inputs)
+
+
+class HeadLayer(PipelineLayer):
+    """Final norm and the heads of this stage; returns what the loss needs (see pipeline_losses.py)."""
+
+    scalar_params = ("itc.logit_scale", "itc_vl.logit_scale")
+    plain_prefixes = {"norm.": "backbone.norm.", "mim_predictor.": "mim_head.predictor.", "itc.": "itc.",
+                      "itc_vl.": "itc_vl.", "pooler.": "pooler.", "itm_head.": "itm_head.", "mlm_head.": "mlm_head."}
+
+    def __init__(self, cfg: ModelConfig, stage: int):
+        super().__init__(cfg, stage)
+        dim = cfg.embed_dim
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        if stage == 3:
+            self.itc, self.itc_vl = ContrastiveHeads(dim), ContrastiveHeads(dim)
+            self.pooler, self.itm_head = Pooler(dim), nn.Linear(dim, 2)
+            for heads in (self.itc, self.itc_vl):
+                # DeepSpeed's start-up broadcast views each parameter as bytes, which a 0-dim tensor
+                # cannot do; the loss broadcasts a [1] scale the same way (plain shape: [])
+                heads.logit_scale = nn.Parameter(heads.logit_scale.detach().reshape(1))
+        if stage in (2, 3):
+            self.mlm_head = MLMHead(cfg)
+        if stage == 1:
+            out = cfg.patch_size ** 2 * cfg.in_chans if cfg.mim_target == "pixel" else cfg.mim_vocab_size
+            self.mim_predictor = nn.Linear(dim, out)
+        self.init_plain_modules()
+
+    def forward(self, inputs):
+        inputs = as_tuple(inputs)
+        streams = dict(zip(stream_names(self.mode, len(inputs)), inputs))
+        if self.mode == "mim":
+            return self.mim_predictor(self.norm(streams["image"])[:, 1:])
+        if self.mode == "text_mlm":
+            return self.mlm_head(self.norm(streams["text"]))
+        image, text = self.norm(streams["image"])[:, 0], self.norm(streams["text"])[:, 0]
+        image_feat, text_feat = self.itc(image, text)
+        if self.mode == "dual":
+            return image_feat, text_feat, self.itc.logit_scale
+        image_vl, text_vl = self.itc_vl(self.norm(streams["image_vl"])[:, 0], self.norm(streams["text_vl"])[:, 0])
+        pair = self.norm(streams["pair"])
+        num_itm, text_len = 3 * image.shape[0], streams["text_mask"].shape[1]
+        itm_logits = self.itm_head(self.pooler(pair[:num_itm]))
+        mlm_logits = self.mlm_head(pair[num_itm:, :text_len])
+        return (image_feat, text_feat, self.itc.logit_scale, image_vl, text_vl, self.itc_vl.logit_scale,
+                itm_logits, mlm_logits)

@@ -1,0 +1,54 @@
+"""VLMo as a DeepSpeed `PipelineModule`: embeddings, one layer per MoME block, norm + heads.
+
+Stages are balanced by parameter count with the embedding and head layers counted
+(partition_method="parameters"; "uniform" or "type:BlockLayer" also work). DeepSpeed counts by
+building every layer on every rank; here each layer is built on the meta device for that, so no
+rank allocates another stage's weights.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+
+from vlmo_large.config import ModelConfig
+from vlmo_large.parallel.pipeline_layers import STAGE_MODES, BlockLayer, EmbeddingLayer, HeadLayer
+from vlmo_large.parallel.pipeline_losses import TERMS, PipelineLoss
+
+
+class MoMEPipeline(PipelineModule):
+    def __init__(self, cfg: ModelConfig, stage: int, topology, partition_method: str = "parameters"):
+        if stage not in STAGE_MODES:
+            raise ValueError(f"pretraining stage must be 1, 2 or 3, got {stage}")
+        specs = ([LayerSpec(EmbeddingLayer, cfg, stage)]
+                 + [LayerSpec(BlockLayer, cfg, stage, i) for i in range(cfg.depth)]
+                 + [LayerSpec(HeadLayer, cfg, stage)])
+        super().__init__(specs, topology=topology, loss_fn=PipelineLoss(STAGE_MODES[stage][0]),
+                         partition_method=partition_method)
+        self.cfg, self.stage, self.mode = cfg, stage, None
+        self.set_mode(STAGE_MODES[stage][0])
+
+    def _count_layer_params(self) -> list[int]:
+        with torch.device("meta"):
+            return [sum(p.numel() for p in spec.build().parameters()) for spec in self._layer_specs]
+
+    def set_mode(self, mode: str) -> None:
+        """Switch every local layer and the loss to `mode` (all ranks must switch together)."""
+        if mode not in STAGE_MODES[self.stage]:
+            raise ValueError(f"stage {self.stage} runs modes {STAGE_MODES[self.stage]}, not '{mode}'")
+        for layer in self.forward_funcs:
+            layer.mode = mode
+        self.loss_fn.mode = mode
+        self.mode = mode
+
+    def get_additional_losses(self):
+        """The loss terms of the last micro-batch; zeros with the same keys on the other stages,
+        which only read how many there are."""
+        names = TERMS[self.mode]
+        if not names:
+            return None
+        terms = self.loss_fn.terms
+        if terms is None or list(terms) != list(names):
+            return OrderedDict((name, torch.zeros(())) for name in names)
+        return terms
