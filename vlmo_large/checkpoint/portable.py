@@ -68,6 +68,7 @@ def load_portable(engine, path: str) -> dict:
     named = list(engine.module.named_parameters())
     to_ours = strip_prefix([n for n, _ in named], set(parts["weights"].names()), path)
     zero = hasattr(engine.optimizer, "optimizer")  # ZeRO / bf16 optimizers wrap a torch optimizer
+    _ensure_adam_state(engine.optimizer)
     with torch.no_grad():
         for name, param in named:
             ours, place = to_ours[name], placement(param)
@@ -79,7 +80,10 @@ def load_portable(engine, path: str) -> dict:
                 check_shape(ours, value.shape, want, parts[part].file_of(ours))
                 return value
 
-            if zero:
+            if hasattr(param, "ds_id"):
+                for part, key in PARTS.items():
+                    _set_zero3_partition(engine.optimizer, param, local(part), None if key == "fp32" else key)
+            elif zero:
                 safe_set_full_fp32_param(param, local("weights"))
                 for part, key in PARTS.items():
                     if key != "fp32":
@@ -91,6 +95,37 @@ def load_portable(engine, path: str) -> dict:
     _refresh_low_precision(engine.optimizer)
     _set_step(engine, training)
     return training
+
+
+def _set_zero3_partition(optimizer, param, value: torch.Tensor, key: str | None) -> None:
+    """This DP rank's slice of `value` into ZeRO-3's fp32 partition (or Adam state `key`).
+
+    DeepSpeed's own set_full_hp_param (0.19.8) reads past the end of a parameter whose size does
+    not divide by the DP size (the last rank's slice is partly padding), so the slice is cut here.
+    """
+    target, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    flat = value.reshape(-1)
+    start = optimizer._get_param_partition_rank(param) * target.numel()
+    piece = flat[start:start + target.numel()]
+    target.zero_()
+    target[:piece.numel()].copy_(piece)
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """torch's Adam creates its moments at the first step; create them now so they can be set.
+
+    ZeRO-3 puts its flat fp32 partitions into the torch optimizer's groups only while stepping,
+    so those are listed explicitly."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    amsgrad = any(group.get("amsgrad") for group in base.param_groups)
+    flats = [p for group in base.param_groups for p in group["params"]]
+    flats += list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
+    for param in flats:
+        slot = base.state[param]
+        if not slot:
+            slot["step"] = torch.tensor(0.0)
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+                slot[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def _refresh_low_precision(optimizer) -> None:
@@ -106,7 +141,7 @@ def _set_step(engine, training: dict) -> None:
     step = training.get("optimizer_step")
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     if step is not None:
-        for slot in base.state.values():
+        for slot in list(base.state.values()):
             if "step" in slot:
                 slot["step"] = torch.tensor(float(step)) if torch.is_tensor(slot["step"]) else step
     for key in ("global_steps", "global_samples", "skipped_steps"):
