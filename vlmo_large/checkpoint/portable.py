@@ -126,6 +126,8 @@ def _ensure_adam_state(optimizer) -> None:
             slot["step"] = torch.tensor(0.0)
             for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
                 slot[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link the new state
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _refresh_low_precision(optimizer) -> None:
