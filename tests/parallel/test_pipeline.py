@@ -1,6 +1,7 @@
 """DeepSpeed pipeline (PP=2, and TP=2 x PP=2) equals one process: losses, loss terms and weights after
-one ZeRO-1 AdamW step with gradient clipping, for pretraining stages 3 (ITC + hard-negative ITM +
-MLM), 1 (MIM) and 2 (text MLM). Real processes under torchrun, gloo, fp32, tiny preset."""
+one ZeRO-1 AdamW step with gradient clipping, for pretraining stages vl (ITC over the global batch,
+ITM with hard negatives, MLM), mim and text_mlm. Real processes under torchrun, gloo, fp32, tiny
+preset; the reference is training/'s PretrainingObjective on plain VLMo in this process."""
 import os
 
 import pytest
@@ -11,10 +12,10 @@ from tests.conftest import randomize_
 from tests.parallel.pipeline_reference import reference_step
 from tests.parallel.test_tensor_parallel import REPO, run_torchrun
 from vlmo_large.model import build_model
-from vlmo_large.parallel.pipeline_weights import trainable
+from vlmo_large.training.freezing import is_trainable
 
 LAYOUTS = {"pp2": (1, 2), "tp2_pp2": (2, 2)}
-STAGES = (3, 1, 2)
+STAGES = ("vl", "mim", "text_mlm")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def pipeline_run(request, weights, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     run_torchrun(os.path.join(REPO, "tests/parallel/pipeline_worker.py"), [str(weights), str(out), str(tp), str(pp)],
                  nproc=tp * pp, timeout=300)
-    return {stage: torch.load(out / f"stage{stage}.pt", weights_only=True) for stage in STAGES}
+    return {stage: torch.load(out / f"{stage}.pt", weights_only=True) for stage in STAGES}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -55,9 +56,12 @@ def test_weights_after_one_step_match_one_process(pipeline_run, references, weig
     _, ref_weights = references[stage]
     got = pipeline_run[stage]["weights"]
     before = load_file(str(weights))
-    trained = {n for n in ref_weights if trainable(n, stage)}
-    assert trained <= set(got), sorted(trained - set(got))
+    # the pipeline holds everything that trains (stage vl never runs the MIM head, so it is not built
+    # there; freezing.py trains it in vl, where weight decay alone moves it)
+    ref_moved = {n for n, t in ref_weights.items() if not torch.equal(t, before[n])}
+    unused = {n for n in ref_moved if stage == "vl" and n.startswith("mim_head.")}
+    assert ref_moved - unused <= set(got), sorted(ref_moved - unused - set(got))
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, ref_weights[name], rtol=1e-5, atol=1e-6, msg=name)
-        moved = not torch.equal(tensor, before[name])
-        assert moved == (name in trained), name  # frozen parameters stay, trained ones move
+        if not is_trainable(stage, name):
+            assert torch.equal(tensor, before[name]), name  # frozen stays frozen

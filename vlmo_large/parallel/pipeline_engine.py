@@ -1,21 +1,21 @@
-"""DeepSpeed's pipeline engine for VLMo, and one pretraining step of stage 1, 2 or 3 through it.
+"""DeepSpeed's pipeline engine for VLMo, and one pretraining step of any stage through it.
 
-A stage-3 step (M micro-batches of B pairs on each data-parallel rank):
-  1. dual pass: `engine.eval_batch` in "dual" mode, no grad: image and text streams only, ITC
-     features of each micro-batch come out of the last stage;
-  2. the last stage gathers them over data parallel, samples the hard negatives
-     (pipeline_negatives.py) and broadcasts their indices [M, 2, B] along its pipeline;
-  3. the first stage gathers the raw images, ids and masks over data parallel and builds the fused
-     pairs (3B ITM + B MLM);
-  4. training pass: `engine.train_batch` in "itc_itm_mlm" mode (ITC, ITM, MLM; ZeRO-1 step).
+A stage-3 ("vl") step, M micro-batches of B pairs on each data-parallel rank:
+  1. dual pass: `engine.eval_batch` in "dual" mode, no grad: the image and text streams only; the
+     last stage turns their CLS states into the global ITC logits (objectives.contrastive_loss);
+  2. those logits [M, 2, B, B x DP] are broadcast along each pipeline to its first stage;
+  3. the first stage draws the hard negatives and builds the 3B ITM pairs with objectives.itm_pairs
+     (all-gathering the raw images, ids and masks over data parallel), seeded as
+     PretrainingObjective seeds it, so both paths draw the same negatives;
+  4. training pass: `engine.train_batch` in "vl" mode (ITC, ITM, MLM; ZeRO-1 step).
 Cost of step 1: one extra forward of the image and text streams, without backward, VL branch or
 fused pairs. Per sample at 224 px / 40 tokens the training pass runs 197 + 40 image/text tokens,
 ~30 VL-branch tokens and 4 x 237 fused tokens per layer forward, and about twice that backward,
 so the extra pass adds ~237 / (3 x 1215) ~ 7% compute, plus one pipeline fill and drain.
+The logits come from eval mode (no drop path), where the single-process path takes them from its
+training forward: the same numbers when drop path is 0.
 """
 from __future__ import annotations
-
-import importlib
 
 import deepspeed
 import torch
@@ -24,60 +24,52 @@ import torch.distributed as dist
 from vlmo_large.config import ModelConfig
 from vlmo_large.parallel import state
 from vlmo_large.parallel.layout import validate_layout
-from vlmo_large.parallel.pipeline_losses import patch_pixel_targets
 from vlmo_large.parallel.pipeline_module import MoMEPipeline
-from vlmo_large.parallel.pipeline_negatives import fused_inputs, sample_hard_negatives
 from vlmo_large.parallel.pipeline_topology import pipeline_topology
-from vlmo_large.parallel.pipeline_weights import freeze_for_stage, load_plain_state_dict
+from vlmo_large.parallel.pipeline_weights import freeze_for_stage, load_plain_state_dict, param_groups
+from vlmo_large.training.engine import prepare_deepspeed
+from vlmo_large.training.objectives import itm_pairs, normalized_pixel_targets
 
 
-def _init_deepspeed_comm() -> None:
-    """deepspeed.comm over the existing process group; on the CPU skip its shared-memory op, which
-    JIT-compiles for ~50 s and only serves inference all-reduce."""
-    if not torch.cuda.is_available():
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def build_pipeline_engine(cfg: ModelConfig, stage: int, ds_config: dict, tensor_parallel: int,
-                          pipeline_parallel: int, weights: dict | None = None,
-                          partition_method: str = "parameters"):
+def build_pipeline_engine(cfg: ModelConfig, stage: str, ds_config: dict, tensor_parallel: int,
+                          pipeline_parallel: int, weights: dict | None = None, weight_decay: float = 0.01,
+                          partition_method: str = "parameters", lr_scheduler=None):
     """Validate the layout, create the process groups, build this rank's stage and its engine.
 
     `weights`: a plain VLMo state dict (full tensors) to start from; otherwise layers initialise
-    themselves as VLMo does.
+    themselves as VLMo does. AdamW groups and freezing follow training/ (by VLMo names).
     """
     state.init_distributed()
     world = dist.get_world_size()
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
     validate_layout(cfg, tensor_parallel, pipeline_parallel, world // (tensor_parallel * pipeline_parallel),
                     zero, world)
-    _init_deepspeed_comm()
+    prepare_deepspeed(dist.get_rank())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # DeepSpeed's TP "pipe partitioning" splits only the first tensor of the tuple and assumes the
+    # others need no gradient; every stream here needs one, so whole tensors are sent.
+    ds_config = dict(ds_config, pipeline=dict(ds_config.get("pipeline", {}), pipe_partitioned=False,
+                                              grad_partitioned=False))
     pipe = MoMEPipeline(cfg, stage, pipeline_topology(tensor_parallel, pipeline_parallel), partition_method)
     if weights is not None:
         load_plain_state_dict(pipe, weights)
     freeze_for_stage(pipe, stage)
-    engine, *_ = deepspeed.initialize(model=pipe, config=ds_config,
-                                      model_parameters=[p for p in pipe.parameters() if p.requires_grad])
+    engine, *_ = deepspeed.initialize(model=pipe, config=ds_config, lr_scheduler=lr_scheduler,
+                                      model_parameters=param_groups(pipe, weight_decay))
     return engine
-
-
-def _gather(x: torch.Tensor, group) -> torch.Tensor:
-    if dist.get_world_size(group) == 1:
-        return x
-    pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, x.contiguous(), group=group)
-    return torch.cat(pieces)
 
 
 class PipelineStep:
     """Runs pretraining steps on a pipeline engine. Micro-batches are dicts with the data loader's
-    keys (image, text_ids, text_mask, mlm_ids, mlm_labels, mim_mask[, mim_target])."""
+    keys (image, text_ids, text_mask, mlm_ids, mlm_labels, mim_mask [B, N][, mim_targets])."""
 
     def __init__(self, engine, seed: int = 0):
-        self.engine, self.pipe = engine, engine.module
-        self.generator = torch.Generator().manual_seed(seed + 1_000_003 * state.dp_rank())
+        self.engine, self.pipe, self.seed = engine, engine.module, seed
         self.first, self.last = engine.is_first_stage(), engine.is_last_stage()
+
+    def run(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+        """One optimizer step of the pipeline's stage; -> the loss and its terms (averaged)."""
+        return {"mim": self._mim, "text_mlm": self._text_mlm, "vl": self._vl}[self.pipe.stage](micro_batches, step)
 
     def _mode(self, mode: str) -> None:
         self.pipe.set_mode(mode)
@@ -89,52 +81,49 @@ class PipelineStep:
         terms = self.engine.agg_additional_losses or {}
         return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
 
-    def mim(self, micro_batches: list[dict]) -> dict[str, float]:
-        patch = self.pipe.cfg.patch_size
+    def _mim(self, micro_batches: list[dict], step: int) -> dict[str, float]:
         data = []
         for mb in micro_batches:
-            mask = mb["mim_mask"].flatten(1).long()
-            target = mb.get("mim_target")
-            target = patch_pixel_targets(mb["image"], patch) if target is None else target
+            mask = mb["mim_mask"].long()
+            target = mb.get("mim_targets")
+            if target is None:
+                target = normalized_pixel_targets(mb["image"], self.pipe.cfg.patch_size)
             data.append(((mb["image"], mask), (mask, target)))
         return self._train("mim", data)
 
-    def text_mlm(self, micro_batches: list[dict]) -> dict[str, float]:
+    def _text_mlm(self, micro_batches: list[dict], step: int) -> dict[str, float]:
         return self._train("text_mlm", [((mb["mlm_ids"], mb["text_mask"]), mb["mlm_labels"])
                                         for mb in micro_batches])
 
-    def itc_itm_mlm(self, micro_batches: list[dict]) -> dict[str, float]:
-        negatives = self._hard_negatives(micro_batches)
-        data = []
-        for mb, (neg_image, neg_text) in zip(micro_batches, negatives):
-            images, ids, mask = mb["image"], mb["text_ids"], mb["text_mask"]
-            inputs = None
+    def _vl(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+        logits = self._itc_logits(micro_batches)
+        group, data = state.dp_group(), []
+        for mb, (i2t, t2i) in zip(micro_batches, logits):
+            B, inputs = len(mb["text_ids"]), None
             if self.first:
-                group = state.dp_group()
-                pair_ids, pair_mask, pair_images, _ = fused_inputs(
-                    images, ids, mask, mb["mlm_ids"], _gather(images, group), _gather(ids, group),
-                    _gather(mask, group), neg_image, neg_text)
-                inputs = (images, ids, mask, pair_ids, pair_mask, pair_images)
-            itm_labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long()
+                # PretrainingObjective's seed for this step and data-parallel rank
+                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4099 + state.dp_rank())
+                pairs = itm_pairs(mb, i2t, t2i, group, generator)
+                inputs = (mb["image"], mb["text_ids"], mb["text_mask"],
+                          torch.cat([mb["mlm_ids"], pairs["text_ids"]]),
+                          torch.cat([mb["text_mask"], pairs["text_mask"]]),
+                          torch.cat([mb["image"], pairs["image"]]))
+            itm_labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()  # itm_pairs' order
             data.append((inputs, (mb["mlm_labels"], itm_labels)))
-        return self._train("itc_itm_mlm", data)
+        return self._train("vl", data)
 
-    def _hard_negatives(self, micro_batches: list[dict]) -> torch.Tensor:
-        """[M, 2, B] global indices: a negative image per text, a negative text per image."""
+    def _itc_logits(self, micro_batches: list[dict]) -> torch.Tensor:
+        """[M, 2, B, B x DP]: each micro-batch's i2t and t2i rows of the global ITC logits."""
         self._mode("dual")
         data = [((mb["image"], mb["text_ids"], mb["text_mask"]), torch.zeros(())) for mb in micro_batches]
-        features = self.engine.eval_batch(iter(data), compute_loss=True, reduce_output=None, bcast_loss=False,
-                                          num_micro_batches=len(data))
+        out = self.engine.eval_batch(iter(data), compute_loss=True, reduce_output=None, bcast_loss=False,
+                                     num_micro_batches=len(data))
         B = len(micro_batches[0]["text_ids"])
-        negatives = torch.zeros(len(micro_batches), 2, B, dtype=torch.long)
+        logits = torch.zeros(len(data), 2, B, B * state.dp_size())
         if self.last:
-            group = state.dp_group()
-            for m, (image, text, scale) in enumerate(features):
-                negatives[m] = torch.stack(sample_hard_negatives(
-                    image, text, scale, _gather(image, group), _gather(text, group), state.dp_rank() * B,
-                    self.generator))
+            logits = torch.stack([torch.stack(pair) for pair in out]).float()
         grid = self.engine.grid
         if grid.pipe_parallel_size > 1:
-            last = grid.stage_to_global(grid.pipe_parallel_size - 1)
-            dist.broadcast(negatives, src=last, group=grid.get_pipe_parallel_group())
-        return negatives
+            dist.broadcast(logits, src=grid.stage_to_global(grid.pipe_parallel_size - 1),
+                           group=grid.get_pipe_parallel_group())
+        return logits

@@ -4,15 +4,16 @@ DeepSpeed's pipeline engine sends a tuple of tensors between stages and returns 
 every floating tensor in it (integer tensors, the masks, travel without one). The *mode* fixes
 which streams the tuple holds:
 
-    itc_itm_mlm  image, text, text_mask, pair, pair_mask (+ image_vl, text_vl from layer vl_start)
-    dual         image, text, text_mask                   (no-grad pass: ITC features only)
-    mim          image                                    (stage 1, masked patches)
-    text_mlm     text, text_mask                          (stage 2)
+    vl        image, text, text_mask, pair, pair_mask (+ image_vl, text_vl from layer vl_start)
+    dual      image, text, text_mask                   (no-grad pass: ITC features only)
+    mim       image                                    (stage 1, masked patches)
+    text_mlm  text, text_mask                          (stage 2)
 
-`pair` holds every fused sequence of a stage-3 step in one batch: the 3B ITM pairs (positive,
-negative image, negative text), then the B MLM pairs (masked text), so one block call serves all.
-Layer 0 embeds, layer 1 + i applies MoME block i to each stream with that stream's route, the last
-layer applies the final norm and the heads. Each block layer owns its own columns of the merged
+`pair` holds every fused sequence of a stage-3 step in one batch, in the order of
+training/objectives.py: the B MLM pairs (masked text), then the 3B ITM pairs (positive, negative
+image, negative text), so one block call serves all. Layer 0 embeds, layer 1 + i applies MoME
+block i to each stream with that stream's route, the last layer applies the final norm and holds
+the heads, which the loss (pipeline_losses.py) applies. Each block layer owns its own columns of the merged
 relative-position table, so a stage holds only its layers' bias (pipeline_weights.py maps names).
 """
 from __future__ import annotations
@@ -31,10 +32,10 @@ from vlmo_large.model.tensor_parallel import init_normal, mark_tensor_parallel
 from vlmo_large.model.vlmo import _init_plain
 from vlmo_large.parallel import state
 
-# Pretraining stage -> the modes its pipeline runs (the first is its training mode).
-STAGE_MODES = {1: ("mim",), 2: ("text_mlm",), 3: ("itc_itm_mlm", "dual")}
+# Pretraining stage (run_config.STAGES) -> the modes its pipeline runs; the first is its training mode.
+STAGE_MODES = {"mim": ("mim",), "text_mlm": ("text_mlm",), "vl": ("vl", "dual")}
 MODE_STREAMS = {
-    "itc_itm_mlm": ("image", "text", "text_mask", "pair", "pair_mask"),
+    "vl": ("image", "text", "text_mask", "pair", "pair_mask"),
     "dual": ("image", "text", "text_mask"),
     "mim": ("image",),
     "text_mlm": ("text", "text_mask"),
@@ -58,7 +59,7 @@ class PipelineLayer(nn.Module):
 
     plain_prefixes: dict[str, str] = {}
 
-    def __init__(self, cfg: ModelConfig, stage: int):
+    def __init__(self, cfg: ModelConfig, stage: str):
         super().__init__()
         self.cfg, self.stage, self.mode = cfg, stage, STAGE_MODES[stage][0]
 
@@ -81,12 +82,12 @@ class EmbeddingLayer(PipelineLayer):
     plain_prefixes = {"text_embeddings.": "backbone.text_embeddings.", "patch_embed.": "backbone.patch_embed.",
                       "modality_embed.": "backbone.modality_embed.", "mask_token": "mim_head.mask_token"}
 
-    def __init__(self, cfg: ModelConfig, stage: int):
+    def __init__(self, cfg: ModelConfig, stage: str):
         super().__init__(cfg, stage)
-        self.text_embeddings = TextEmbeddings(cfg) if stage in (2, 3) else None
-        self.patch_embed = ImageEmbeddings(cfg) if stage in (1, 3) else None
+        self.text_embeddings = TextEmbeddings(cfg) if stage in ("text_mlm", "vl") else None
+        self.patch_embed = ImageEmbeddings(cfg) if stage in ("mim", "vl") else None
         self.modality_embed = nn.Embedding(cfg.num_modality_types, cfg.embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if stage == 1 else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if stage == "mim" else None
         self.init_plain_modules()
         if self.mask_token is not None:
             init_normal(self.mask_token)
@@ -100,7 +101,7 @@ class EmbeddingLayer(PipelineLayer):
 
     def forward(self, inputs):
         inputs = as_tuple(inputs)
-        if self.mode == "itc_itm_mlm":
+        if self.mode == "vl":
             images, ids, mask, pair_ids, pair_mask, pair_images = inputs
             pair = torch.cat([self._text(pair_ids), self._image(pair_images)], 1)
             return self._image(images), self._text(ids), mask, pair, pair_mask
@@ -117,7 +118,7 @@ class EmbeddingLayer(PipelineLayer):
 class BlockLayer(PipelineLayer):
     """MoME block `index` applied to every stream of the tuple, each with its own route."""
 
-    def __init__(self, cfg: ModelConfig, stage: int, index: int):
+    def __init__(self, cfg: ModelConfig, stage: str, index: int):
         super().__init__(cfg, stage)
         self.index = index
         rate = cfg.drop_path_rate * index / max(cfg.depth - 1, 1)  # the backbone's linspace
@@ -143,7 +144,7 @@ class BlockLayer(PipelineLayer):
 
     def _run_streams(self, *tensors):
         streams = dict(zip(stream_names(self.mode, len(tensors)), tensors))
-        if self.mode == "itc_itm_mlm" and self.index == self.cfg.vl_start:
+        if self.mode == "vl" and self.index == self.cfg.vl_start:
             # the VL branch of ITC starts from the image/text states of layer vl_start - 1
             streams["image_vl"], streams["text_vl"] = streams["image"], streams["text"]
         text_len = streams["text_mask"].shape[1] if "text_mask" in streams else 0
@@ -176,45 +177,37 @@ class BlockLayer(PipelineLayer):
 
 
 class HeadLayer(PipelineLayer):
-    """Final norm and the heads of this stage; returns what the loss needs (see pipeline_losses.py)."""
+    """Final norm, and the heads of this stage for the loss to apply (it needs the labels first:
+    the MLM head only sees masked positions, the ITC heads the gathered batch)."""
 
-    scalar_params = ("itc.logit_scale", "itc_vl.logit_scale")
     plain_prefixes = {"norm.": "backbone.norm.", "mim_predictor.": "mim_head.predictor.", "itc.": "itc.",
                       "itc_vl.": "itc_vl.", "pooler.": "pooler.", "itm_head.": "itm_head.", "mlm_head.": "mlm_head."}
 
-    def __init__(self, cfg: ModelConfig, stage: int):
+    def __init__(self, cfg: ModelConfig, stage: str):
         super().__init__(cfg, stage)
         dim = cfg.embed_dim
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        if stage == 3:
+        if stage == "vl":
             self.itc, self.itc_vl = ContrastiveHeads(dim), ContrastiveHeads(dim)
             self.pooler, self.itm_head = Pooler(dim), nn.Linear(dim, 2)
-            for heads in (self.itc, self.itc_vl):
-                # DeepSpeed's start-up broadcast views each parameter as bytes, which a 0-dim tensor
-                # cannot do; the loss broadcasts a [1] scale the same way (plain shape: [])
-                heads.logit_scale = nn.Parameter(heads.logit_scale.detach().reshape(1))
-        if stage in (2, 3):
+        if stage in ("text_mlm", "vl"):
             self.mlm_head = MLMHead(cfg)
-        if stage == 1:
+        if stage == "mim":
             out = cfg.patch_size ** 2 * cfg.in_chans if cfg.mim_target == "pixel" else cfg.mim_vocab_size
             self.mim_predictor = nn.Linear(dim, out)
         self.init_plain_modules()
 
     def forward(self, inputs):
+        """-> vl: (image CLS, text CLS, image_vl CLS, text_vl CLS, pair); dual: (image CLS, text CLS);
+        mim: patch states; text_mlm: text states. All after the final norm."""
         inputs = as_tuple(inputs)
         streams = dict(zip(stream_names(self.mode, len(inputs)), inputs))
         if self.mode == "mim":
-            return self.mim_predictor(self.norm(streams["image"])[:, 1:])
+            return self.norm(streams["image"])[:, 1:]
         if self.mode == "text_mlm":
-            return self.mlm_head(self.norm(streams["text"]))
-        image, text = self.norm(streams["image"])[:, 0], self.norm(streams["text"])[:, 0]
-        image_feat, text_feat = self.itc(image, text)
+            return self.norm(streams["text"])
+        cls = (self.norm(streams["image"])[:, 0], self.norm(streams["text"])[:, 0])
         if self.mode == "dual":
-            return image_feat, text_feat, self.itc.logit_scale
-        image_vl, text_vl = self.itc_vl(self.norm(streams["image_vl"])[:, 0], self.norm(streams["text_vl"])[:, 0])
-        pair = self.norm(streams["pair"])
-        num_itm, text_len = 3 * image.shape[0], streams["text_mask"].shape[1]
-        itm_logits = self.itm_head(self.pooler(pair[:num_itm]))
-        mlm_logits = self.mlm_head(pair[num_itm:, :text_len])
-        return (image_feat, text_feat, self.itc.logit_scale, image_vl, text_vl, self.itc_vl.logit_scale,
-                itm_logits, mlm_logits)
+            return cls
+        return (*cls, self.norm(streams["image_vl"])[:, 0], self.norm(streams["text_vl"])[:, 0],
+                self.norm(streams["pair"]))

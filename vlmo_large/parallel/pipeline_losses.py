@@ -1,101 +1,71 @@
-"""Losses on the pipeline's last stage: `PipelineLoss(outputs, labels)`, called per micro-batch.
+"""The pipeline's loss: training/objectives.py applied to what the last stage's layers return.
 
-DeepSpeed's engine calls `loss_fn(head_outputs, labels)` on the last stage. The loss keeps the
-terms of its last call so that the pipeline module can report them (`get_additional_losses`), and
-the engine averages them over micro-batches and data-parallel ranks like the total.
-
-Stage 3 (VLMO_SPEC section 4): total = (ITC + ITC_vl) / 2 + ITM + 0.25 * MLM, ITC over the global
-(data-parallel) micro-batch with an autograd-aware gather, so each rank's loss is its rows of the
-global similarity matrix and DeepSpeed's gradient average gives the gradient of the mean loss at
-any world size.
+DeepSpeed's engine calls `loss_fn(outputs, labels)` on the last stage for each micro-batch. The
+objectives there run VLMo's encoders themselves; here the encoders are the pipeline, so this
+module applies the same heads and loss functions (contrastive_loss, mlm_loss, the MIM target) to
+the final-normed states of the head layer, whose modules the loss holds (`head`). The terms of the
+last call are kept for `MoMEPipeline.get_additional_losses`, which DeepSpeed averages over
+micro-batches and data-parallel ranks like the loss.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from vlmo_large.parallel import state
+from vlmo_large.training.objectives import LossWeights, contrastive_loss, mlm_loss
 
-TERMS = {"itc_itm_mlm": ("itc", "itc_vl", "itm", "mlm"), "mim": ("mim",), "text_mlm": ("mlm",), "dual": ()}
-MLM_WEIGHT = 0.25
-
-
-def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate every data-parallel rank's rows, keeping the gradient path to this rank's rows."""
-    if group is None or dist.get_world_size(group) == 1:
-        return x
-    return torch.cat(dist_fn.all_gather(x.contiguous(), group=group), 0)
+# Reported terms of each mode (the keys of objectives.py's stage dicts, "loss" aside).
+TERMS = {"vl": ("itc", "itc_vl", "itm", "mlm", "itm_acc", "logit_scale"), "mim": ("mim",),
+         "text_mlm": ("mlm",), "dual": ()}
 
 
-def contrastive_loss(image_feat, text_feat, logit_scale, group=None) -> torch.Tensor:
-    """Symmetric InfoNCE of this rank's (normalised) rows against the global micro-batch."""
-    all_image, all_text = gather_rows(image_feat, group), gather_rows(text_feat, group)
-    offset = 0 if group is None else dist.get_rank(group) * image_feat.shape[0]
-    targets = torch.arange(image_feat.shape[0], device=image_feat.device) + offset
-    scale = logit_scale.exp()
-    return (F.cross_entropy(scale * image_feat @ all_text.T, targets)
-            + F.cross_entropy(scale * text_feat @ all_image.T, targets)) / 2
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over masked tokens; `logits` hold this TP rank's slice of the vocabulary."""
-    keep = labels != -100
-    if not keep.any():
-        return logits.sum() * 0.0
-    return vocab_parallel_cross_entropy(logits[keep][:, None].float(), labels[keep][:, None]).mean()
-
-
-def mim_loss(pred: torch.Tensor, mim_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Masked patches only: MSE to normalised pixels, or cross-entropy to visual-token ids."""
-    keep = mim_mask.bool()
-    if target.is_floating_point():
-        return F.mse_loss(pred[keep].float(), target[keep].float())
-    return F.cross_entropy(pred[keep].float(), target[keep])
-
-
-def patch_pixel_targets(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, patches, patch*patch*C]: each patch's pixels normalised by its own mean and variance."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1)
-    x = x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
-    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
-
-
-def stage3_terms(outputs, labels, group=None) -> OrderedDict:
-    image, text, scale, image_vl, text_vl, scale_vl, itm_logits, mlm_logits = outputs
+def vl_terms(head, outputs, labels, weights: LossWeights, group) -> dict:
+    """Stage 3 from the head layer's outputs; as objectives.vl_losses after its encoders."""
+    image, text, image_vl, text_vl, pair = outputs
     mlm_labels, itm_labels = labels
-    return OrderedDict(itc=contrastive_loss(image, text, scale, group),
-                       itc_vl=contrastive_loss(image_vl, text_vl, scale_vl, group),
-                       itm=F.cross_entropy(itm_logits.float(), itm_labels),
-                       mlm=mlm_loss(mlm_logits, mlm_labels))
+    B, T = mlm_labels.shape
+    itc_main, _, _ = contrastive_loss(*head.itc(image, text), head.itc.logit_scale, group)
+    itc_vl, _, _ = contrastive_loss(*head.itc_vl(image_vl, text_vl), head.itc_vl.logit_scale, group)
+    itc = (itc_main + itc_vl) / 2
+    mlm = mlm_loss(head.mlm_head, pair[:B, :T], mlm_labels)
+    itm_logits = head.itm_head(head.pooler(pair[B:])).float()
+    itm = F.cross_entropy(itm_logits, itm_labels)
+    return {"loss": weights.itc * itc + weights.itm * itm + weights.mlm * mlm, "itc": itc, "itc_vl": itc_vl,
+            "itm": itm, "mlm": mlm, "itm_acc": (itm_logits.argmax(-1) == itm_labels).float().mean(),
+            "logit_scale": head.itc.logit_scale.detach().exp()}
 
 
-def total_loss(terms: OrderedDict) -> torch.Tensor:
-    if "itc" in terms:
-        return (terms["itc"] + terms["itc_vl"]) / 2 + terms["itm"] + MLM_WEIGHT * terms["mlm"]
-    return sum(terms.values())
+def mim_terms(head, patches, labels) -> dict:
+    """Stage 1: predictions at the masked patches only, against normalised pixels or token ids."""
+    mask, target = labels
+    mask = mask.bool()
+    pred = head.mim_predictor(patches[mask]).float()
+    loss = F.mse_loss(pred, target[mask]) if target.is_floating_point() else F.cross_entropy(pred, target[mask])
+    return {"loss": loss, "mim": loss}
 
 
 class PipelineLoss:
-    """loss_fn of the pipeline module; `mode` is set by the module together with its layers'."""
+    """loss_fn of the pipeline module; `mode` is switched with the layers', `head` set on the last stage."""
 
-    def __init__(self, mode: str):
-        self.mode = mode
+    def __init__(self, mode: str, weights: LossWeights = LossWeights()):
+        self.mode, self.weights = mode, weights
+        self.head = None
         self.terms: OrderedDict | None = None
 
     def __call__(self, outputs, labels):
-        if self.mode == "dual":  # the no-grad pass hands its ITC features back to the host
-            return [t.detach() for t in outputs]
-        if self.mode == "itc_itm_mlm":
-            terms = stage3_terms(outputs, labels, state.dp_group())
+        group = state.dp_group()
+        if self.mode == "dual":  # the no-grad pass hands the global ITC logits to the host
+            _, i2t, t2i = contrastive_loss(*self.head.itc(*outputs), self.head.itc.logit_scale, group)
+            return [i2t, t2i]
+        if self.mode == "vl":
+            terms = vl_terms(self.head, outputs, labels, self.weights, group)
         elif self.mode == "mim":
-            terms = OrderedDict(mim=mim_loss(outputs, *labels))
+            terms = mim_terms(self.head, outputs, labels)
         else:
-            terms = OrderedDict(mlm=mlm_loss(outputs, labels))
-        self.terms = OrderedDict((k, v.detach().float()) for k, v in terms.items())
-        return total_loss(terms)
+            loss = mlm_loss(self.head.mlm_head, outputs, labels)
+            terms = {"loss": loss, "mlm": loss}
+        self.terms = OrderedDict((k, terms[k].detach().float()) for k in TERMS[self.mode])
+        return terms["loss"]

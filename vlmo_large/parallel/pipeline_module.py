@@ -18,15 +18,17 @@ from vlmo_large.parallel.pipeline_losses import TERMS, PipelineLoss
 
 
 class MoMEPipeline(PipelineModule):
-    def __init__(self, cfg: ModelConfig, stage: int, topology, partition_method: str = "parameters"):
+    def __init__(self, cfg: ModelConfig, stage: str, topology, partition_method: str = "parameters"):
         if stage not in STAGE_MODES:
-            raise ValueError(f"pretraining stage must be 1, 2 or 3, got {stage}")
+            raise ValueError(f"unknown pretraining stage '{stage}'; choose one of {sorted(STAGE_MODES)}")
         specs = ([LayerSpec(EmbeddingLayer, cfg, stage)]
                  + [LayerSpec(BlockLayer, cfg, stage, i) for i in range(cfg.depth)]
                  + [LayerSpec(HeadLayer, cfg, stage)])
         super().__init__(specs, topology=topology, loss_fn=PipelineLoss(STAGE_MODES[stage][0]),
                          partition_method=partition_method)
         self.cfg, self.stage, self.mode = cfg, stage, None
+        if isinstance(self.forward_funcs[-1], HeadLayer):  # the last stage: its loss applies the heads
+            self.loss_fn.head = self.forward_funcs[-1]
         self.set_mode(STAGE_MODES[stage][0])
 
     def _count_layer_params(self) -> list[int]:

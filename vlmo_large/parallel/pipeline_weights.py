@@ -1,4 +1,5 @@
-"""Plain VLMo weights <-> the pipeline layers of one stage, at any TP size; per-stage trainability.
+"""Plain VLMo weights <-> the pipeline layers of one stage, at any TP size; freezing and AdamW
+groups by VLMo name.
 
 A pipeline layer names its parameters locally ("block.attn.qkv.weight" in block layer 2) and maps
 each to its VLMo name ("backbone.blocks.2.attn.qkv.weight"). Block layer i owns columns
@@ -8,31 +9,18 @@ placement attributes of sharding.py.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from vlmo_large.parallel import state
 from vlmo_large.parallel.sharding import gather_full_state_dict, local_state_dict
+from vlmo_large.training.freezing import is_trainable
+from vlmo_large.training import optimization
 
 TABLE = "backbone.rel_pos.table"
-
-# What each pretraining stage updates (VLMO_SPEC section 5); everything else is frozen or, for
-# parts a stage never runs (stage 1's text side, stage 3's MIM head), not even built.
-_IMAGE_STAGE = ("backbone.patch_embed.", "backbone.modality_embed.", "backbone.rel_pos.", "backbone.norm.",
-                "backbone.blocks.", "mim_head.")
-_TEXT_STAGE = ("backbone.text_embeddings.", "backbone.modality_embed.", "backbone.rel_pos.", "backbone.norm.",
-               "mlm_head.")
-
-
-def trainable(plain_name: str, stage: int) -> bool:
-    """Whether pretraining `stage` updates this VLMo parameter."""
-    if stage == 1:  # image-only MIM: attention and the vision expert, not the text/VL experts
-        return (plain_name.startswith(_IMAGE_STAGE) and ".experts.text." not in plain_name
-                and ".experts.vl." not in plain_name)
-    if stage == 2:  # text-only MLM: the language side only
-        return plain_name.startswith(_TEXT_STAGE) or ".experts.text." in plain_name
-    return not plain_name.startswith("mim_head.")
 
 
 def local_layers(pipe) -> list:
@@ -45,10 +33,23 @@ def _plain_key(layer, local_name: str) -> str:
     return f"{TABLE}@{layer.index}" if plain == TABLE else plain
 
 
-def freeze_for_stage(pipe, stage: int) -> None:
+def freeze_for_stage(pipe, stage: str) -> None:
+    """training/freezing.py's rule of each stage, by VLMo name."""
+    for name, param in named_plain_parameters(pipe):
+        param.requires_grad_(is_trainable(stage, name))
+
+
+def named_plain_parameters(pipe):
+    """(VLMo name, parameter) of this stage's layers; the relative table's slices share one name."""
     for layer in local_layers(pipe):
         for name, param in layer.named_parameters():
-            param.requires_grad_(trainable(layer.plain_name(name), stage))
+            yield layer.plain_name(name), param
+
+
+def param_groups(pipe, weight_decay: float) -> list[dict]:
+    """training/optimization.py's AdamW groups (no decay on biases, norms, scales...), by VLMo name."""
+    return optimization.param_groups(SimpleNamespace(named_parameters=lambda: named_plain_parameters(pipe)),
+                                     weight_decay)
 
 
 def load_plain_state_dict(pipe, full: dict[str, torch.Tensor]) -> None:
@@ -62,7 +63,7 @@ def load_plain_state_dict(pipe, full: dict[str, torch.Tensor]) -> None:
                 heads = layer.cfg.num_heads
                 plain[name] = full[TABLE][:, layer.index * heads:(layer.index + 1) * heads]
             else:
-                plain[name] = full[key].reshape(layer.state_dict()[name].shape)  # [] -> [1] scales
+                plain[name] = full[key]
         layer.load_state_dict(local_state_dict(layer, plain, rank, world))
 
 
@@ -72,8 +73,7 @@ def gather_plain_state_dict(pipe) -> dict[str, torch.Tensor]:
     part = {}
     for layer in local_layers(pipe):
         for name, tensor in gather_full_state_dict(layer, state.tp_group()).items():
-            scalar = name in getattr(layer, "scalar_params", ())
-            part[_plain_key(layer, name)] = tensor.reshape(()) if scalar else tensor
+            part[_plain_key(layer, name)] = tensor
     parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     dist.all_gather_object(parts, part, group=parallel_state.get_pipeline_model_parallel_group())
     merged = {k: v for p in parts for k, v in p.items()}
