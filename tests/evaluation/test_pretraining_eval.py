@@ -149,3 +149,11 @@ def test_max_batches_limits_the_split():
     model = randomize_(build_model("tiny"))
     got = evaluate_pretraining(model, tiny_batches(model.cfg, sizes=(2, 2, 2)), max_batches=2)
     assert got["num_texts"] == 4.0
+
+
+def test_bf16_model_inside_a_wrapper():
+    model = randomize_(build_model("tiny")).to(torch.bfloat16)
+    engine = nn.Module()
+    engine.module = model  # as DeepSpeed's engine holds the model
+    got = evaluate_pretraining(engine, tiny_batches(model.cfg))
+    assert got["num_texts"] == 7.0 and 0.0 <= got["tr_r1"] <= 1.0 and got["num_mlm_tokens"] == 28.0

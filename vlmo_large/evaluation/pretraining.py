@@ -49,6 +49,7 @@ def evaluate_pretraining(model, batches: Iterable[Mapping], max_batches: int | N
     absent (no MLM labels, batches of one) are left out. `group`: the data-parallel group
     ("default": megatron's, else the world; None: the world)."""
     group = default_group() if group == "default" else group
+    model = getattr(model, "module", model)  # a DeepSpeed engine / DDP wrapper: the model inside
     was_training = model.training
     model.eval()
     try:
@@ -59,7 +60,8 @@ def evaluate_pretraining(model, batches: Iterable[Mapping], max_batches: int | N
 
 
 def _run_batches(model, batches, max_batches, seed) -> dict:
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
     generator = torch.Generator().manual_seed(seed)
     image_feats, text_feats, image_keys = [], [], []
     # counts: itm positives right, positives, negatives right, negatives, mlm right, mlm tokens
@@ -68,7 +70,7 @@ def _run_batches(model, batches, max_batches, seed) -> dict:
     for step, batch in enumerate(batches):
         if max_batches is not None and step >= max_batches:
             break
-        images = batch["image"].to(device)
+        images = batch["image"].to(device, param.dtype)  # bf16 models take bf16 pixels
         ids, mask = batch["text_ids"].to(device), batch["text_mask"].to(device)
         size = images.shape[0]
         keys = batch["index"].to(device) if "index" in batch else None
