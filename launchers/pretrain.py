@@ -1,0 +1,72 @@
+"""Pretrain VLMo: one stage (mim, text_mlm or vl) from a run config and a DeepSpeed config.
+
+    deepspeed launchers/pretrain.py --ds_config ds_configs/cpu_fp32.json --config run.yaml schedule.steps=50
+    torchrun --nproc_per_node 2 launchers/pretrain.py --ds_config ... --config ... [key=value ...]
+    python launchers/pretrain.py --ds_config ... --config ...          # one process
+
+Every configuration problem is reported as one line `error: ...` (exit status 2) before any
+process group or model exists.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # `import deepspeed` imports mlflow
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|tp_group is None).*")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (ZeRO, precision)")
+    parser.add_argument("--config", default=None, help="run config, YAML or JSON")
+    parser.add_argument("--init", default=None, help="weights to start from (overrides the run config's init)")
+    parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. schedule.steps=100 optim.lr=1e-4")
+    return parser.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace):
+    from vlmo_large.training.run_config import load_run_config, read_mapping
+    from vlmo_large.training.validation import resolve_run
+
+    overrides = list(args.overrides)
+    overrides += [f"init={args.init}"] if args.init else []
+    overrides += [f"resume={args.resume}"] if args.resume else []
+    cfg = load_run_config(args.config, overrides)
+    ds_config = read_mapping(args.ds_config)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return cfg, resolve_run(cfg, ds_config, world_size)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from vlmo_large.training.run_config import ConfigError
+
+    try:
+        cfg, resolved = resolve(args)
+    except ConfigError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not os.environ.get("OMP_NUM_THREADS") and "WORLD_SIZE" in os.environ:
+        import torch  # ranks sharing a host would otherwise each take every core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    from vlmo_large.parallel import state
+    from vlmo_large.training.trainer import Trainer
+
+    try:
+        Trainer(cfg, resolved).run()
+    finally:
+        state.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pretraining: run config, stage objectives, DeepSpeed engine, checkpoints and the loop."""

@@ -1,0 +1,186 @@
+"""Training checkpoints (DeepSpeed) that are resumable only once complete, and weight export.
+
+Layout under the checkpoint directory:
+    step00000100/           DeepSpeed's files of one checkpoint (model, optimizer, scheduler,
+                            client_state: step, every rank's data position and RNG states)
+    step00000100/COMPLETE   written by rank 0 after every rank returned from saving
+    latest                  DeepSpeed's pointer, written by us after COMPLETE (never by DeepSpeed,
+                            whose rank 0 writes it before the other ranks have finished)
+A process killed while saving leaves a tag without COMPLETE: it is never resumed from and is
+deleted by the next save. Only the newest `keep` complete checkpoints are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from contextlib import nullcontext
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vlmo_large.parallel import state
+from vlmo_large.parallel.sharding import gather_full_state_dict
+
+MARKER = "COMPLETE"
+TAG = re.compile(r"step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """Tags with a completion marker, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir) if TAG.match(t) and os.path.isfile(os.path.join(ckpt_dir, t, MARKER))]
+    return sorted(tags, key=lambda t: int(TAG.match(t).group(1)))
+
+
+def find_resume_tag(path: str) -> Optional[tuple[str, str]]:
+    """(checkpoint dir, tag) of the newest complete checkpoint under `path`, which may be the
+    checkpoint directory or one tag inside it; None if there is none."""
+    path = os.path.normpath(path)
+    if TAG.match(os.path.basename(path)):
+        ok = os.path.isfile(os.path.join(path, MARKER))
+        return (os.path.dirname(path), os.path.basename(path)) if ok else None
+    tags = complete_tags(path)
+    return (path, tags[-1]) if tags else None
+
+
+# -- RNG states as plain data (every rank's, in client_state) ----------------------------------
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    out = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(saved: dict) -> None:
+    random.setstate(_as_tuples(saved["python"]))
+    name, keys, *rest = saved["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+
+
+def _as_tuples(obj):
+    return tuple(_as_tuples(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def _gather_objects(obj) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -- save / resume ------------------------------------------------------------------------------
+def save(engine, ckpt_dir: str, step: int, data_state: Optional[dict], keep: int, extra: Optional[dict] = None) -> str:
+    """Collective: every rank calls it. Returns the tag written."""
+    tag = tag_for(step)
+    per_rank = _gather_objects({"data": data_state, "rng": rng_state()})
+    client = {"step": step, "data_states": [r["data"] for r in per_rank], "rng_states": [r["rng"] for r in per_rank],
+              **(extra or {})}
+    if _rank() == 0:  # a leftover of an interrupted save of the same step must not be mistaken for this one
+        stale = os.path.join(ckpt_dir, tag)
+        if os.path.isdir(stale) and not os.path.isfile(os.path.join(stale, MARKER)):
+            shutil.rmtree(stale)
+    _barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client, save_latest=False)  # ends in a barrier
+    if _rank() == 0:
+        _write_atomic(os.path.join(ckpt_dir, tag, MARKER), json.dumps({"step": step}))
+        _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
+        prune(ckpt_dir, keep)
+    _barrier()
+    return tag
+
+
+def prune(ckpt_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and every incomplete one."""
+    complete = complete_tags(ckpt_dir)
+    doomed = set(complete[:-keep]) | {t for t in os.listdir(ckpt_dir) if TAG.match(t) and t not in complete}
+    for tag in doomed:
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+
+
+def resume(engine, path: str) -> Optional[dict]:
+    """Load the newest complete checkpoint under `path` into the engine and restore this rank's
+    RNG states. Returns {"step", "data_state", "tag"} or None when there is nothing to resume."""
+    found = find_resume_tag(path)
+    if found is None:
+        return None
+    ckpt_dir, tag = found
+    loaded, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
+    _reapply_scheduled_lr(engine)
+    rank = _rank()
+    set_rng_state(client["rng_states"][rank])
+    return {"step": client["step"], "data_state": client["data_states"][rank],
+            "data_states": client["data_states"], "tag": tag}
+
+
+def _reapply_scheduled_lr(engine) -> None:
+    """DeepSpeed restores the scheduler's position (last_epoch) but ZeRO keeps the new engine's
+    step-0 lr in the optimizer, so the first resumed step would use the wrong lr. Recompute it
+    from the position and this run's schedule (the schedule is a plain function, so LambdaLR never
+    saves it: a resumed run may extend schedule.steps)."""
+    scheduler = engine.lr_scheduler
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+
+
+# -- plain weights --------------------------------------------------------------------------------
+def export_weights(engine, model, out_dir: str, zero3: bool) -> Optional[str]:
+    """Collective: full (TP-merged, ZeRO-3-gathered) weights of `model` as model.safetensors plus
+    model_config.json, written by rank 0. Tensors keep the training dtype."""
+    import dataclasses
+
+    import deepspeed
+    from safetensors.torch import save_file
+
+    params = list(model.parameters())
+    gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
+    with gathered:
+        full = gather_full_state_dict(model, state.tp_group())
+    path = None
+    if _rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "model.safetensors")
+        save_file({k: v.contiguous() for k, v in full.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        _write_atomic(os.path.join(out_dir, "model_config.json"),
+                      json.dumps(dataclasses.asdict(model.cfg), indent=2))
+    _barrier()
+    return path

@@ -1,0 +1,98 @@
+"""DeepSpeed engine for one pretraining stage: optimiser groups, schedule, and this machine's quirks.
+
+    prepare_deepspeed(rank)                      # before deepspeed.initialize, once per process
+    engine = build_engine(objective, resolved, cfg)
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
+
+from vlmo_large.parallel import state
+from vlmo_large.training.optimization import WarmupDecay, param_groups
+from vlmo_large.training.run_config import RunConfig
+from vlmo_large.training.validation import ResolvedRun
+
+_prepared = False
+
+
+def prepare_deepspeed(rank: int) -> None:
+    """Quiet DeepSpeed on every rank but 0, and on a CPU-only machine skip its shared-memory op
+    (a ~50 s JIT build that only serves inference all-reduce; STACK_NOTES.md)."""
+    global _prepared
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated")
+    os.environ.setdefault("LOCAL_RANK", "0")  # a plain one-process run has no launcher to set it
+    if _prepared:
+        return
+    if not torch.cuda.is_available():
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *args, **kwargs: None
+    _broadcast_0dim_parameters()
+    _prepared = True
+
+
+def _broadcast_0dim_parameters() -> None:
+    """DeepSpeed 0.19.8 broadcasts parameters as `p.data.view(torch.uint8)`, which raises for 0-dim
+    tensors (the ITC `logit_scale`s). The two broadcasts that initialisation runs are replaced by
+    the same broadcasts of a 1-d view of the same storage."""
+    from deepspeed import comm as ds_dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+    from deepspeed.utils import groups
+
+    def as_bytes(p: torch.Tensor) -> torch.Tensor:
+        return p.data.reshape(-1).view(torch.uint8)
+
+    def broadcast_model(self):
+        if self.dist_backend is None:
+            return
+        for p in self.module.parameters():
+            if getattr(p, "ds_status", None) is None or p.ds_status.name == "AVAILABLE":
+                ds_dist.broadcast(as_bytes(p), groups._get_broadcast_src_rank(), group=self.seq_data_parallel_group)
+
+    def zero_init_param(self, param):
+        self._convert_to_deepspeed_param(param)
+        group = self.get_partition_dp_group(param)
+        src = 0 if ds_dist.get_world_group() == group else ds_dist.get_global_rank(group, 0)
+        ds_dist.broadcast(as_bytes(param), src, group)
+        param.partition()
+
+    DeepSpeedEngine._broadcast_model = broadcast_model
+    Init._zero_init_param = zero_init_param
+
+
+def build_engine(objective: torch.nn.Module, resolved: ResolvedRun, cfg: RunConfig):
+    """deepspeed.initialize with AdamW groups over the trainable parameters and warmup + decay."""
+    import deepspeed
+
+    prepare_deepspeed(dist.get_rank() if dist.is_initialized() else 0)
+    groups = param_groups(objective, cfg.optim.weight_decay)
+    schedule = WarmupDecay(cfg.schedule.warmup, cfg.schedule.steps, cfg.schedule.decay, cfg.schedule.min_lr_ratio)
+    # DeepSpeed's grad-norm and checkpoints must know about TP; its pipeline engine refuses an mpu
+    mpu = state.DeepSpeedMPU() if cfg.parallel.tp > 1 and cfg.parallel.pp == 1 else None
+    ds_config = copy.deepcopy(resolved.ds_config)
+    if not torch.cuda.is_available():  # DeepSpeed's FusedAdam would JIT-compile a CPU op (~45 s)
+        ds_config["optimizer"]["params"]["torch_adam"] = True
+    engine, *_ = deepspeed.initialize(model=objective, model_parameters=groups, config=ds_config,
+                                      lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)),
+                                      mpu=mpu)  # a plain function: LambdaLR keeps it out of checkpoints
+    return engine
+
+
+def is_zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+def model_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32

@@ -1,0 +1,186 @@
+"""Pretraining losses of the three stages (spec sections 4 and 5).
+
+Loss scale and world size. Every loss a rank returns is a mean over its own samples (ITC: its own
+rows of the global similarity matrix, against all columns). DeepSpeed averages gradients over
+data-parallel ranks, so the optimised quantity is the mean over the global batch at any world
+size: the same numbers and gradients as one process on the concatenated batch (ITC exactly, with
+`all_gather_with_grad`; MLM as the mean of per-rank token means). Only the ITC value itself grows
+with the global batch (more negatives), as in the paper.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from vlmo_large.parallel import state
+from vlmo_large.parallel.collectives import all_gather_no_grad, all_gather_with_grad, group_rank
+from vlmo_large.training.run_config import DATA_KIND, STAGES  # noqa: F401 (re-exported)
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 0.25
+
+
+# -- ITC ---------------------------------------------------------------------------------------
+def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: torch.Tensor,
+                     group=None):
+    """Symmetric InfoNCE of this rank's rows against the global batch.
+
+    image_feats / text_feats: [B, D] L2-normalised, local. Returns (loss, i2t, t2i) with the local
+    rows of the global logit matrices, [B, B_global]; the positive of local row b is column
+    rank * B + b. The mean of the returned loss over ranks is the global-batch loss.
+    """
+    all_images = all_gather_with_grad(image_feats, group)
+    all_texts = all_gather_with_grad(text_feats, group)
+    scale = logit_scale.exp()
+    i2t = scale * image_feats.float() @ all_texts.float().t()
+    t2i = scale * text_feats.float() @ all_images.float().t()
+    targets = positive_columns(image_feats.shape[0], group, image_feats.device)
+    loss = (F.cross_entropy(i2t, targets) + F.cross_entropy(t2i, targets)) / 2
+    return loss, i2t, t2i
+
+
+def positive_columns(local_batch: int, group, device) -> torch.Tensor:
+    return torch.arange(local_batch, device=device) + group_rank(group) * local_batch
+
+
+# -- ITM hard negatives -------------------------------------------------------------------------
+@torch.no_grad()
+def sample_hard_negatives(logits: torch.Tensor, positives: torch.Tensor,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """One column per row, drawn with probability softmax(row) with the positive zeroed.
+
+    The positive is masked before the softmax (the same distribution once renormalised, which
+    torch.multinomial does) so that a confident row cannot underflow to all zeros.
+    """
+    masked = logits.float().clone()
+    masked[torch.arange(len(positives), device=logits.device), positives] = float("-inf")
+    return torch.multinomial(masked.softmax(dim=1), 1, generator=generator).squeeze(1)
+
+
+def itm_pairs(batch: dict, i2t: torch.Tensor, t2i: torch.Tensor, group=None,
+              generator: torch.Generator | None = None) -> dict:
+    """3B (text, image) pairs: B positive, then for each local text a hard-negative image, then for
+    each local image a hard-negative text, both drawn from the all-gathered global batch."""
+    images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
+    positives = positive_columns(images.shape[0], group, images.device)
+    image_for_text = sample_hard_negatives(t2i, positives, generator)
+    text_for_image = sample_hard_negatives(i2t, positives, generator)
+    all_images = all_gather_no_grad(images, group)
+    all_ids, all_mask = all_gather_no_grad(ids, group), all_gather_no_grad(mask, group)
+    B = images.shape[0]
+    return {
+        "text_ids": torch.cat([ids, ids, all_ids[text_for_image]]),
+        "text_mask": torch.cat([mask, mask, all_mask[text_for_image]]),
+        "image": torch.cat([images, all_images[image_for_text], images]),
+        "labels": torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(images.device),
+        "image_for_text": image_for_text, "text_for_image": text_for_image,
+    }
+
+
+# -- MLM / MIM ----------------------------------------------------------------------------------
+def mlm_loss(mlm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel CE over the masked positions only (the head never sees unmasked tokens,
+    which saves the vocabulary projection of ~85% of the tokens)."""
+    picked = labels != IGNORE
+    if not picked.any():
+        return hidden.sum() * 0.0
+    logits, targets = mlm_head(hidden[picked]).float(), labels[picked]
+    if state.tp_size() == 1:  # the same number; skips megatron's collectives on a one-rank group
+        return F.cross_entropy(logits, targets)
+    return vocab_parallel_cross_entropy(logits.unsqueeze(0), targets.unsqueeze(0)).mean()
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, patch*patch*C] in row-major patch order (the patch embedding's)."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def normalized_pixel_targets(images: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's target: every patch's pixels normalised by that patch's own mean and variance."""
+    patches = patchify(images.float(), patch)
+    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+# -- the stages -----------------------------------------------------------------------------------
+def mim_losses(model, batch: dict) -> dict:
+    """Stage 1: predict the masked patches (normalised pixels, or visual-token ids if the config's
+    mim_target is "token" and the batch carries "mim_targets" [B, N])."""
+    mask = batch["mim_mask"].bool()
+    hidden = model.backbone.encode_image(batch["image"], mim_mask=mask, mask_token=model.mim_head.mask_token)
+    pred = model.mim_head(hidden[:, 1:][mask]).float()
+    if model.cfg.mim_target == "token":
+        loss = F.cross_entropy(pred, batch["mim_targets"][mask])
+    else:
+        loss = F.mse_loss(pred, normalized_pixel_targets(batch["image"], model.cfg.patch_size)[mask])
+    return {"loss": loss, "mim": loss}
+
+
+def text_mlm_losses(model, batch: dict) -> dict:
+    """Stage 2: MLM on text alone (language expert in every layer)."""
+    hidden = model.backbone.encode_text(batch["mlm_ids"], batch["text_mask"])
+    loss = mlm_loss(model.mlm_head, hidden, batch["mlm_labels"])
+    return {"loss": loss, "mlm": loss}
+
+
+def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=None,
+              generator: torch.Generator | None = None) -> dict:
+    """Stage 3: ITC (final and VL-branch CLS), ITM with global hard negatives, MLM on the fused
+    encoder. The MLM pairs and the 3B ITM pairs go through the fused encoder as one batch."""
+    bb = model.backbone
+    image, image_vl = bb.encode_image(batch["image"], vl_branch=True)
+    text, text_vl = bb.encode_text(batch["text_ids"], batch["text_mask"], vl_branch=True)
+    itc_main, i2t, t2i = contrastive_loss(*model.itc(image[:, 0], text[:, 0]), model.itc.logit_scale, group)
+    itc_vl, _, _ = contrastive_loss(*model.itc_vl(image_vl[:, 0], text_vl[:, 0]), model.itc_vl.logit_scale, group)
+    itc = (itc_main + itc_vl) / 2
+
+    pairs = itm_pairs(batch, i2t.detach(), t2i.detach(), group, generator)
+    B, T = batch["text_ids"].shape
+    fused = bb.encode_pair(torch.cat([batch["mlm_ids"], pairs["text_ids"]]),
+                           torch.cat([batch["text_mask"], pairs["text_mask"]]),
+                           torch.cat([batch["image"], pairs["image"]]))
+    mlm = mlm_loss(model.mlm_head, fused[:B, :T], batch["mlm_labels"])
+    itm_logits = model.itm_head(model.pooler(fused[B:])).float()
+    itm = F.cross_entropy(itm_logits, pairs["labels"])
+    itm_acc = (itm_logits.argmax(-1) == pairs["labels"]).float().mean()
+    total = weights.itc * itc + weights.itm * itm + weights.mlm * mlm
+    return {"loss": total, "itc": itc, "itc_vl": itc_vl, "itm": itm, "mlm": mlm, "itm_acc": itm_acc,
+            "logit_scale": model.itc.logit_scale.detach().exp()}
+
+
+
+
+class PretrainingObjective(torch.nn.Module):
+    """What DeepSpeed wraps: VLMo (as `.model`) and the loss of one stage.
+
+    forward(batch, step) -> dict of scalars, "loss" the one to backpropagate. `step` seeds the ITM
+    negative sampler (with the seed and data-parallel rank), so a resumed run draws the same
+    negatives as an uninterrupted one whatever the global RNG state.
+    """
+
+    def __init__(self, model, stage: str, weights: LossWeights = LossWeights(), group=None, seed: int = 0):
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage '{stage}'; choose one of {STAGES}")
+        self.model, self.stage, self.weights, self.group, self.seed = model, stage, weights, group, seed
+
+    def forward(self, batch: dict, step: int = 0) -> dict:
+        if self.stage == "mim":
+            return mim_losses(self.model, batch)
+        if self.stage == "text_mlm":
+            return text_mlm_losses(self.model, batch)
+        device = batch["image"].device
+        generator = torch.Generator(device=device).manual_seed(
+            (self.seed * 1_000_003 + step) * 4099 + group_rank(self.group))
+        return vl_losses(self.model, batch, self.weights, self.group, generator)

@@ -1,0 +1,58 @@
+"""Random batches with the data pipeline's keys and shapes, for tests, benchmarks and smoke runs.
+
+Batch i of rank r is a pure function of (seed, r, i), and the position is resumable like the
+real loader's (state_dict / load_state_dict), so restart tests need no shards.
+"""
+from __future__ import annotations
+
+import torch
+
+from vlmo_large.config import ModelConfig
+
+
+def random_batch(kind: str, cfg: ModelConfig, batch: int, gen: torch.Generator, mlm_prob: float = 0.15,
+                 mim_ratio: float = 0.4) -> dict:
+    out = {}
+    if kind in ("image", "image_text"):
+        out["image"] = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)
+    if kind == "image":
+        out["mim_mask"] = torch.rand(batch, cfg.num_patches, generator=gen) < mim_ratio
+        return out
+    T = cfg.max_text_len
+    ids = torch.randint(5, cfg.vocab_size, (batch, T), generator=gen)
+    lengths = torch.randint(T // 2, T + 1, (batch,), generator=gen)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    picked = (torch.rand(batch, T, generator=gen) < mlm_prob) & mask.bool()
+    picked[:, 1] |= ~picked.any(1)  # at least one MLM target per sample
+    out.update(text_ids=ids, text_mask=mask, mlm_ids=torch.where(picked, torch.full_like(ids, 4), ids),
+               mlm_labels=torch.where(picked, ids, torch.full_like(ids, -100)))
+    return out
+
+
+class RandomBatches:
+    def __init__(self, kind: str, cfg: ModelConfig, batch_size: int, seed: int = 0, rank: int = 0,
+                 mlm_prob: float = 0.15, mim_ratio: float = 0.4, distinct: int = 0):
+        self.distinct = distinct  # > 0: cycle over this many batches (an overfitting check)
+        self.kind, self.cfg, self.batch_size, self.seed, self.rank = kind, cfg, batch_size, seed, rank
+        self.mlm_prob, self.mim_ratio = mlm_prob, mim_ratio
+        self.index = 0
+
+    def __iter__(self):
+        while True:
+            index = self.index % self.distinct if self.distinct else self.index
+            gen = torch.Generator().manual_seed((self.seed * 7919 + self.rank) * 1_000_003 + index)
+            self.index += 1
+            yield random_batch(self.kind, self.cfg, self.batch_size, gen, self.mlm_prob, self.mim_ratio)
+
+    def state_dict(self) -> dict:
+        return {"index": self.index, "rank": self.rank, "seed": self.seed}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.index = saved["index"]
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def skip_counts(self) -> dict:
+        return {}

@@ -1,0 +1,205 @@
+"""The run configuration: dataclasses read from YAML/JSON plus `key=value` overrides.
+
+    cfg = load_run_config("run.yaml", ["schedule.steps=200", "optim.lr=1e-4"])
+
+Every key is checked against the dataclasses (an unknown key or a value of the wrong type is a
+`ConfigError` naming the key). Cross-checks against the DeepSpeed config and the world size live in
+validation.py. The run config owns the optimiser, schedule, batch sizes and clipping; the DeepSpeed
+file owns ZeRO, precision and communication.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+STAGES = ("mim", "text_mlm", "vl")
+DATA_KIND = {"mim": "image", "text_mlm": "text", "vl": "image_text"}  # the data loader kind of each stage
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the key or file."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class DataConfig:
+    source: str = "shards"              # "shards" (webdataset) or "random" (tensors, for tests/benchmarks)
+    shards: Union[str, list[str], None] = None   # brace pattern or list of tar files
+    tokenizer: Optional[str] = None     # sentencepiece .model or WordPiece vocab.txt
+    num_workers: int = 0
+    mlm_prob: float = 0.15
+    mim_ratio: float = 0.4
+    augment: str = "spec"               # "spec", "light" or "none"
+    random_distinct: int = 0            # source "random": cycle over this many batches (0: always new)
+
+
+@dataclass
+class BatchConfig:
+    micro: Optional[int] = None         # samples per rank per forward; None: from the DeepSpeed file
+    grad_accum: Optional[int] = None    # None: from the DeepSpeed file, else 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # 0 turns clipping off
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 1000                   # optimizer steps
+    warmup: int = 100
+    decay: str = "linear"               # "linear" or "cosine"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 0.25
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None           # None: <output_dir>/checkpoints
+    every: int = 1000                   # steps between checkpoints (0: only at the end)
+    keep: int = 3                       # complete checkpoints kept (the newest)
+    export: bool = True                 # plain safetensors + model config JSON at the end
+
+
+@dataclass
+class RunConfig:
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)   # ModelConfig overrides of the preset
+    stage: str = "vl"                   # "mim" (1), "text_mlm" (2) or "vl" (3)
+    seed: int = 0
+    output_dir: str = "runs/pretrain"
+    init: Optional[str] = None          # weights to start from: safetensors file/dir or DeepSpeed checkpoint dir
+    resume: Optional[str] = None        # "auto" (newest complete checkpoint), a checkpoint dir, or None
+    log_every: int = 10
+    eval_every: int = 0                 # 0: no evaluation during training
+    tracking_uri: Optional[str] = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- building dataclasses from plain data, with type checks -------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value, key: str):
+    """Check `value` against the annotation `tp`; numbers written as strings ("1e-4") are parsed."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool, float) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def build_dataclass(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known in this section: {', '.join(sorted(names))})")
+    values = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = build_dataclass(tp, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(tp, value, prefix + name)
+    return cls(**values)
+
+
+# -- files and overrides --------------------------------------------------------------------------
+def read_mapping(path: str) -> dict:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`a.b.c=value`; the value is read as YAML (numbers, booleans, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
+    data = read_mapping(path) if path else {}
+    for item in overrides:
+        apply_override(data, item)
+    return build_dataclass(RunConfig, data)

@@ -1,0 +1,147 @@
+"""Everything about a run that can be checked before a process group exists.
+
+`resolve_run(cfg, ds_config, world_size)` returns the model config and the complete DeepSpeed
+config, or raises a `ConfigError` with one line naming the key, file or layout at fault.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+from vlmo_large.config import ModelConfig, get_preset
+from vlmo_large.parallel.layout import validate_layout
+from vlmo_large.training.run_config import STAGES, ConfigError, RunConfig
+
+RUN_OWNED = ("optimizer", "scheduler")  # the run config sets these; the DeepSpeed file must not
+
+
+@dataclass
+class ResolvedRun:
+    model: ModelConfig
+    ds_config: dict
+    world_size: int
+    dp: int
+    micro: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.grad_accum * self.dp
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _number(ds: dict, key: str):
+    value = ds.get(key)
+    return None if value in (None, "auto") else value
+
+
+def resolve_batch(cfg: RunConfig, ds: dict, dp: int) -> tuple[int, int]:
+    """(micro, grad_accum) from the run config and the DeepSpeed file; they must agree."""
+    ds_micro, ds_accum, ds_train = (_number(ds, k) for k in (
+        "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))
+    for run_value, ds_value, run_key, ds_key in ((cfg.batch.micro, ds_micro, "batch.micro", "train_micro_batch_size_per_gpu"),
+                                                 (cfg.batch.grad_accum, ds_accum, "batch.grad_accum", "gradient_accumulation_steps")):
+        _check(run_value is None or ds_value is None or run_value == ds_value,
+               f"{run_key}={run_value} disagrees with {ds_key}={ds_value} of the DeepSpeed config")
+    micro = cfg.batch.micro or ds_micro
+    accum = cfg.batch.grad_accum or ds_accum
+    if micro is None:
+        _check(ds_train is not None, "no batch size: set batch.micro (or train_micro_batch_size_per_gpu / train_batch_size)")
+        accum = accum or 1
+        _check(ds_train % (accum * dp) == 0, f"train_batch_size={ds_train} is not divisible by grad_accum "
+               f"({accum}) * data-parallel size ({dp}): train_batch_size = micro * grad_accum * dp")
+        micro = ds_train // (accum * dp)
+    if accum is None:
+        accum = 1 if ds_train is None else ds_train // (micro * dp)
+    _check(micro >= 1 and accum >= 1, f"batch sizes must be positive (micro={micro}, grad_accum={accum})")
+    _check(ds_train is None or ds_train == micro * accum * dp,
+           f"train_batch_size={ds_train} != micro ({micro}) * grad_accum ({accum}) * data-parallel size ({dp}) "
+           f"= {micro * accum * dp}: train_batch_size = micro * grad_accum * dp")
+    return micro, accum
+
+
+def _check_files(cfg: RunConfig) -> None:
+    data = cfg.data
+    _check(data.source in ("shards", "random"), f"data.source='{data.source}' must be 'shards' or 'random'")
+    if data.source == "shards":
+        _check(bool(data.shards), "data.shards is not set (a brace pattern or a list of .tar files)")
+        from vlmo_large.data.shard_list import expand_shards
+        try:  # a pattern naming no existing file is an error; single missing shards are the stream's to count
+            expand_shards(data.shards)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"data.shards: {exc}") from None
+        if cfg.stage != "mim":
+            _check(bool(data.tokenizer), f"data.tokenizer is not set (stage '{cfg.stage}' reads text)")
+            _check(os.path.exists(data.tokenizer), f"data.tokenizer: file not found: {data.tokenizer}")
+    if cfg.init is not None:
+        _check(os.path.exists(cfg.init), f"init: checkpoint not found: {cfg.init}")
+    if cfg.resume not in (None, "auto"):
+        _check(os.path.isdir(cfg.resume), f"resume: checkpoint directory not found: {cfg.resume}")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    s = cfg.schedule
+    for ok, message in (
+        (cfg.stage in STAGES, f"stage='{cfg.stage}' must be one of {', '.join(STAGES)}"),
+        (s.steps >= 1, f"schedule.steps={s.steps} must be at least 1"),
+        (0 <= s.warmup, f"schedule.warmup={s.warmup} must be >= 0"),
+        (s.decay in ("linear", "cosine"), f"schedule.decay='{s.decay}' must be 'linear' or 'cosine'"),
+        (0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={s.min_lr_ratio} must lie in [0, 1]"),
+        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive"),
+        (len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}"),
+        (cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0"),
+        (cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1"),
+        (cfg.log_every >= 1, f"log_every={cfg.log_every} must be at least 1"),
+        (cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0"),
+    ):
+        _check(ok, message)
+
+
+def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int) -> ResolvedRun:
+    _check_ranges(cfg)
+    try:
+        model_cfg = get_preset(cfg.preset, **cfg.model)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"preset/model: {exc}") from None
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    _check(tp >= 1 and pp >= 1, f"parallel.tp={tp} and parallel.pp={pp} must be at least 1")
+    _check(world_size % (tp * pp) == 0, f"world size {world_size} is not divisible by parallel.tp ({tp}) * "
+           f"parallel.pp ({pp})")
+    dp = world_size // (tp * pp)
+    zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    try:
+        validate_layout(model_cfg, tp, pp, dp, zero, world_size)
+        model_cfg.validate(tensor_parallel=tp)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check(pp == 1, f"parallel.pp={pp}: pipeline-parallel training is not implemented by this trainer; use tp and ZeRO")
+    for key in RUN_OWNED:
+        _check(key not in ds_config, f"the DeepSpeed config sets '{key}': set it in the run config (optim.*, schedule.*) instead")
+    clip = ds_config.get("gradient_clipping")
+    _check(clip in (None, "auto") or float(clip) == cfg.optim.grad_clip,
+           f"gradient_clipping={clip} of the DeepSpeed config disagrees with optim.grad_clip={cfg.optim.grad_clip}")
+    micro, accum = resolve_batch(cfg, ds_config, dp)
+    if cfg.stage == "vl":
+        _check(micro * dp >= 2, f"stage 'vl' needs at least 2 samples across data-parallel ranks per step "
+               f"(ITM negatives), got micro {micro} * dp {dp}")
+    _check_files(cfg)
+    return ResolvedRun(model_cfg, complete_ds_config(cfg, ds_config, micro, accum, dp),
+                       world_size, dp, micro, accum)
+
+
+def complete_ds_config(cfg: RunConfig, ds: dict, micro: int, accum: int, dp: int) -> dict:
+    """The DeepSpeed file plus what the run config decides."""
+    ds = copy.deepcopy(ds)
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+              train_batch_size=micro * accum * dp, gradient_clipping=cfg.optim.grad_clip)
+    params = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+              "weight_decay": cfg.optim.weight_decay}
+    ds["optimizer"] = {"type": "AdamW", "params": params}
+    ds.setdefault("steps_per_print", 10 ** 9)  # progress is ours (tqdm + summary lines)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
