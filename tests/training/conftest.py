@@ -1,0 +1,24 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Real processes, gloo, one thread each, under a hard timeout (a dead peer would hang gloo)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MLFLOW_DISABLE_TELEMETRY="true")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def multi_rank_results(tmp_path_factory):
+    """One torchrun (2 ranks, ZeRO-3) running every multi-process check of dist_worker.py."""
+    out = tmp_path_factory.mktemp("multi_rank")
+    run_torchrun([os.path.join(REPO, "tests", "training", "dist_worker.py"), str(out)])
+    return out
