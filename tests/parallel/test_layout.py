@@ -24,7 +24,7 @@ def test_pipeline_with_zero_2_or_3_is_refused(zero):
 
 
 @pytest.mark.parametrize("key, overrides", [
-    ("num_heads", {"num_heads": 6, "embed_dim": 384}), ("ffn_dim", {"ffn_dim": 3076}),
+    ("num_heads", {"num_heads": 6, "embed_dim": 384}), ("ffn_dim", {"ffn_dim": 3074}),
     ("vocab_size", {"vocab_size": 30522})])
 def test_tp_must_divide_heads_ffn_and_vocabulary(key, overrides):
     cfg = get_preset("base", **dict({"vocab_size": 30720}, **overrides))  # base's 30522 = 2 x 15261
