@@ -54,6 +54,22 @@ def probe_outputs(model) -> dict:
             "pair": bb.encode_pair(ids, mask, images).float()}
 
 
+def copy_of_engine_model(model, zero3: bool):
+    """A plain (non-DeepSpeed) model of this TP rank holding the engine's current weights, in fp32.
+
+    ZeRO-3 releases parameters when a submodule's forward ends, so the probe, which calls
+    submodules directly, runs on a copy rather than on the engine's module."""
+    import deepspeed
+
+    from vlmo_large.model import build_model
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=zero3):
+        weights = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    copy = build_model(model.cfg).eval()
+    copy.load_state_dict(weights)
+    return copy
+
+
 class LossModule(torch.nn.Module):
     """What DeepSpeed wraps: VLMo as `model` (names `model.backbone...`, as a trainer would have)."""
 
@@ -165,9 +181,7 @@ def main() -> None:
             engine.save_checkpoint(args.save, tag=f"step{step + 1}",
                                    client_state={"model_config": vars(model.cfg)})
             if args.probe:
-                engine.eval()
-                outputs = probe_outputs(model)
-                engine.train()
+                outputs = probe_outputs(copy_of_engine_model(model, args.zero == 3))
                 if dist.get_rank() == 0:
                     torch.save(outputs, args.probe)
     if args.losses and dist.get_rank() == 0:

@@ -22,7 +22,6 @@ from vlmo_large.checkpoint.plain import CONFIG_NAME, PlainCheckpoint, config_to_
 from vlmo_large.checkpoint.safetensors_stream import write_streamed
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError, LoadReport
-from vlmo_large.formats.reference import from_reference, to_reference
 from vlmo_large.parallel.sharding import shard, unshard
 
 MANIFEST = "sharded.json"
@@ -41,15 +40,6 @@ def shard_file(rank: int, tp: int, stage: int, pp: int) -> str:
     return f"tp{rank}_of{tp}.safetensors" if pp == 1 else f"tp{rank}_of{tp}-pp{stage}_of{pp}.safetensors"
 
 
-def _plain_tensors(plain: PlainCheckpoint, cfg: ModelConfig, layout: dict):
-    """name (ours) -> a function reading that full tensor, whichever naming the plain files use."""
-    if plain.naming != "reference":
-        return {name: (lambda n=name: plain.get(n)) for name in plain.names()}
-    ours_of = to_reference({n: n for n in layout})  # reference name -> ours
-    return {ours: (lambda r=ref, o=ours: from_reference({r: plain.get(r)}, cfg)[0][o])
-            for ref, ours in ours_of.items() if ref in plain}
-
-
 def write_sharded(plain_path: str, out_dir: str, tp: int, pp: int = 1, cfg: ModelConfig | None = None) -> list[str]:
     """Plain checkpoint -> per-(TP rank, PP stage) safetensors files; one tensor in memory at a time."""
     plain = PlainCheckpoint(plain_path)
@@ -59,10 +49,12 @@ def write_sharded(plain_path: str, out_dir: str, tp: int, pp: int = 1, cfg: Mode
     cfg.validate(tensor_parallel=tp)
     if pp > cfg.depth:
         raise ValueError(f"cannot split {cfg.depth} layers into {pp} pipeline stages")
+    if plain.naming != "vlmo_large":
+        raise CheckpointError(f"{plain_path} uses {plain.naming} tensor names; turn it into this project's layout "
+                              "with `import-reference` first (it also initialises what that layout lacks)")
     layout = model_layout(cfg)
-    readers = _plain_tensors(plain, cfg, layout)
     for name in layout:
-        if name not in readers:
+        if name not in plain:
             raise CheckpointError(f"{plain_path}: tensor '{name}' of preset '{cfg.name}' is missing")
     os.makedirs(out_dir, exist_ok=True)
     files, weight_map = [], {}
@@ -74,8 +66,8 @@ def write_sharded(plain_path: str, out_dir: str, tp: int, pp: int = 1, cfg: Mode
                 entries = [(n, local_shape(layout[n], tp), torch.float32) for n in names]
 
                 def fetch(name: str, rank=rank) -> torch.Tensor:
-                    full = readers[name]().float()
-                    check_shape(name, full.shape, layout[name].shape, plain.file_of(name) if name in plain else plain_path)
+                    full = plain.get(name).float()
+                    check_shape(name, full.shape, layout[name].shape, plain.file_of(name))
                     place = layout[name].place
                     return (full if place is None else shard(full, *place, rank, tp)).contiguous()
 

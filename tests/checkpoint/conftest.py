@@ -1,0 +1,63 @@
+"""DeepSpeed checkpoints made once per session by real multi-process runs (torchrun, gloo)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TRAIN = os.path.join(REPO, "tests", "checkpoint", "ds_train.py")
+
+
+def torchrun(script: str, args: list, nproc: int, timeout: int = 240) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MLFLOW_DISABLE_TELEMETRY="true")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           script, *map(str, args)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+class Run:
+    """One training run's checkpoint folder, probe outputs (at the save) and losses."""
+
+    def __init__(self, folder, nproc: int, **flags):
+        self.ckpt, self.probe_file, self.loss_file = folder / "ckpt", folder / "probe.pt", folder / "losses.json"
+        args = ["--save", self.ckpt, "--probe", self.probe_file, "--losses", self.loss_file]
+        for key, value in flags.items():
+            args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [value])
+        torchrun(TRAIN, args, nproc)
+
+    @property
+    def probe(self) -> dict:
+        return torch.load(self.probe_file, weights_only=True)
+
+    @property
+    def losses(self) -> dict:
+        with open(self.loss_file) as f:
+            return {int(k): v for k, v in json.load(f).items()}
+
+
+@pytest.fixture(scope="session")
+def tp2_dp2_run(tmp_path_factory):
+    """TP=2 x DP=2, ZeRO-1, fp32: 4 steps, saved after step 2."""
+    return Run(tmp_path_factory.mktemp("tp2dp2"), 4, tp=2, zero=1, steps=4, save_at=2)
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory):
+    """TP=1 x DP=2, ZeRO-3, fp32: 2 steps."""
+    return Run(tmp_path_factory.mktemp("zero3"), 2, tp=1, zero=3, steps=2)
+
+
+@pytest.fixture(scope="session")
+def bf16_run(tmp_path_factory):
+    """TP=2 x DP=1, ZeRO-2, bf16: 1 step."""
+    return Run(tmp_path_factory.mktemp("bf16"), 2, tp=2, zero=2, bf16=True, steps=1)
+
+
+def assert_outputs_equal(got: dict, want: dict, atol: float = 1e-6) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol, msg=name)
