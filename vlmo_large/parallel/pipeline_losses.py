@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 import torch.nn.functional as F
 
 from vlmo_large.parallel import state
