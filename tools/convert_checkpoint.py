@@ -13,11 +13,16 @@ from the checkpoint (client_state or config.json) unless --preset / --config giv
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# import-time notices of megatron / torch that say nothing about the conversion
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|tp_group is None).*")
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def _model_args(parser: argparse.ArgumentParser, required: bool = False) -> None:

@@ -95,12 +95,14 @@ class PlainCheckpoint:
                 raise CheckpointError(f"shard file {full} is missing (it holds {len(lost)} tensors, "
                                       f"e.g. '{lost[0] if lost else '?'}')")
             try:
+                self._check_size(full)
                 handle = safe_open(full, framework="pt")
                 names = list(handle.keys())
+            except CheckpointError:
+                raise
             except Exception as exc:
                 raise CheckpointError(f"cannot read safetensors file {full} (truncated or corrupt?): {exc}") from None
             self._handles[full] = handle
-            self._check_size(full, handle, names)
             for name in names:
                 self._where[name] = full
         for name, file in (weight_map or {}).items():
@@ -117,18 +119,20 @@ class PlainCheckpoint:
             raise CheckpointError(f"cannot read index {path}: {exc}") from None
 
     @staticmethod
-    def _check_size(path: str, handle, names: list[str]) -> None:
-        """safe_open maps the file lazily; a truncated file is caught here, not at the first read."""
-        if not names:
-            return
+    def _check_size(path: str) -> None:
+        """Compare the file's length with its header, to name the tensors a truncation cut."""
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
+            if header_len > os.path.getsize(path):
+                raise ValueError(f"header length {header_len} exceeds the file")
             header = json.loads(f.read(header_len))
-        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
-        if os.path.getsize(path) < 8 + header_len + end:
-            last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
-            raise CheckpointError(f"{path} is truncated: {os.path.getsize(path)} bytes, the header needs "
-                                  f"{8 + header_len + end} (tensor '{last}' and maybe others are cut)")
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        need = 8 + header_len + max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        have = os.path.getsize(path)
+        if have < need:
+            cut = sorted(k for k, v in tensors.items() if 8 + header_len + v["data_offsets"][1] > have)
+            raise CheckpointError(f"{path} is truncated: {have} bytes, the header needs {need}; tensor "
+                                  f"'{cut[0]}'" + (f" and {len(cut) - 1} more are" if len(cut) > 1 else " is") + " cut")
 
     def names(self) -> list[str]:
         return list(self._where)
