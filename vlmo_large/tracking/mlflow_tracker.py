@@ -62,7 +62,7 @@ class MlflowTracker(Tracker):
         self._warned: set[str] = set()
         self._closed = False
         self._outage_since: float | None = None
-        self._health = {"connected": None, "outages": 0, "last_error": None}
+        self._health = {"connected": None, "outages": 0, "last_error": None, "rejected_metrics": 0}
         self._retry_now, self._stop, self._terminated = threading.Event(), threading.Event(), threading.Event()
         _quiet_urllib3_retries()
         self._thread = threading.Thread(target=self._deliver_loop, name=f"{_THREAD_PREFIX}-{id(self):x}",
@@ -228,7 +228,9 @@ class MlflowTracker(Tracker):
             self._outbox.requeue([Op("params", [item]) for item in op.payload])
             return
         self._outbox.settle()
-        log.warning("MLflow tracking: the store rejected %s (%s); dropped", op.kind, _short(err))
+        self._health["rejected_metrics"] += op.size
+        self._warn_once(f"rejected {op.kind}", f"MLflow tracking: the store rejected {op.kind} "
+                        f"({_short(err)}); dropped (said once per kind)")
         if op.kind == "finish":
             self._terminated.set()
 

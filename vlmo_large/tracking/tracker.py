@@ -47,8 +47,10 @@ class Tracker:
         return True
 
     def health(self) -> dict[str, Any]:
-        """connected, outages, dropped_metrics, pending_metrics, last_error."""
-        return {"connected": None, "outages": 0, "dropped_metrics": 0, "pending_metrics": 0, "last_error": None}
+        """connected, outages, dropped_metrics (buffer overflow), rejected_metrics (refused by the
+        store), pending_metrics, last_error."""
+        return {"connected": None, "outages": 0, "dropped_metrics": 0, "rejected_metrics": 0,
+                "pending_metrics": 0, "last_error": None}
 
     def log_run_setup(self, config: Any = None, ds_config: Any = None, preset: Any = None,
                       layout: Any = None, commit: str | None = None) -> None:
