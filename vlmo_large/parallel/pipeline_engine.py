@@ -27,7 +27,7 @@ from vlmo_large.parallel.layout import validate_layout
 from vlmo_large.parallel.pipeline_module import MoMEPipeline
 from vlmo_large.parallel.pipeline_topology import pipeline_topology
 from vlmo_large.parallel.pipeline_weights import freeze_for_stage, load_plain_state_dict, param_groups
-from vlmo_large.training.engine import prepare_deepspeed
+from vlmo_large.training.engine import model_dtype, prepare_deepspeed
 from vlmo_large.training.objectives import itm_pairs, normalized_pixel_targets
 
 
@@ -66,9 +66,12 @@ class PipelineStep:
     def __init__(self, engine, seed: int = 0):
         self.engine, self.pipe, self.seed = engine, engine.module, seed
         self.first, self.last = engine.is_first_stage(), engine.is_last_stage()
+        self.dtype = model_dtype(engine)
 
     def run(self, micro_batches: list[dict], step: int) -> dict[str, float]:
         """One optimizer step of the pipeline's stage; -> the loss and its terms (averaged)."""
+        # the pipeline engine feeds inputs as they come: images in the weights' dtype (bf16 runs)
+        micro_batches = [dict(mb, image=mb["image"].to(self.dtype)) if "image" in mb else mb for mb in micro_batches]
         return {"mim": self._mim, "text_mlm": self._text_mlm, "vl": self._vl}[self.pipe.stage](micro_batches, step)
 
     def _mode(self, mode: str) -> None:
@@ -87,7 +90,7 @@ class PipelineStep:
             mask = mb["mim_mask"].long()
             target = mb.get("mim_targets")
             if target is None:
-                target = normalized_pixel_targets(mb["image"], self.pipe.cfg.patch_size)
+                target = normalized_pixel_targets(mb["image"].float(), self.pipe.cfg.patch_size)
             data.append(((mb["image"], mask), (mask, target)))
         return self._train("mim", data)
 
