@@ -40,3 +40,7 @@ def text_batch(cfg, batch: int = 3, seed: int = 0, lengths=None):
 def image_batch(cfg, batch: int = 3, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-rank runs of 4 processes (still part of the default suite)")
