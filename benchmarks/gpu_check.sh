@@ -44,7 +44,7 @@ PY
   python3 benchmarks/activation_checkpoint_bench.py --preset base --batch 64
   if [ -f benchmarks/step_bench.py ]; then
     echo "== step_bench"
-    timeout 240 python3 benchmarks/step_bench.py --preset base --batch 32 --dtype bf16 || echo "step_bench failed"
-    timeout 200 python3 benchmarks/step_bench.py --preset large --batch 16 --dtype bf16 || echo "step_bench failed"
+    timeout 240 python3 benchmarks/step_bench.py --preset base --batch 32 --dtype bf16 --steps 5 --warmup 2 || echo "step_bench failed"
+    timeout 150 python3 benchmarks/step_bench.py --preset large --batch 16 --dtype bf16 --steps 4 --warmup 2 || echo "step_bench failed"
   fi
 } 2>&1 | tee "$OUT/gpu.log"
