@@ -2,6 +2,7 @@
 from a reference VLMo checkpoint, and from BEiT/timm vision weights."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -10,7 +11,7 @@ import torch
 from vlmo_large.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
 from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout, resolve_config, strip_prefix
 from vlmo_large.checkpoint.plain import CONFIG_NAME, write_plain, write_plain_dict
-from vlmo_large.config import ModelConfig
+from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
 from vlmo_large.formats.reference import from_reference, to_reference
 from vlmo_large.parallel.sharding import unshard
@@ -21,15 +22,21 @@ VOCAB_TENSORS = ("backbone.text_embeddings.word_embeddings.weight", "mlm_head.de
 
 def stored_config(ckpt: DeepSpeedCheckpoint) -> tuple[dict | None, str]:
     """The model config a trainer left in client_state, or a config.json beside the checkpoint."""
+    where = ckpt.ranks[0].model_file
     for key in CONFIG_KEYS:
         value = ckpt.client_state.get(key)
         if isinstance(value, dict) and "embed_dim" in value:
-            return value, f"{ckpt.ranks[0].model_file} (client_state['{key}'])"
+            return value, f"{where} (client_state['{key}'])"
+    run = ckpt.client_state.get("run_config")  # the trainer's: a preset plus ModelConfig overrides
+    if isinstance(run, dict) and isinstance(run.get("preset"), str):
+        cfg = get_preset(run["preset"], **(run.get("model") or {}))
+        return dataclasses.asdict(cfg), f"{where} (client_state['run_config'])"
     for folder in (ckpt.folder, os.path.dirname(ckpt.folder.rstrip("/"))):
-        path = os.path.join(folder, CONFIG_NAME)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f), path
+        for name in (CONFIG_NAME, "model_config.json"):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    return json.load(f), path
     return None, ckpt.folder
 
 
