@@ -80,8 +80,10 @@ def build_engine(objective: torch.nn.Module, resolved: ResolvedRun, cfg: RunConf
     # DeepSpeed's grad-norm and checkpoints must know about TP; its pipeline engine refuses an mpu
     mpu = state.DeepSpeedMPU() if cfg.parallel.tp > 1 and cfg.parallel.pp == 1 else None
     ds_config = copy.deepcopy(resolved.ds_config)
-    if not torch.cuda.is_available():  # DeepSpeed's FusedAdam would JIT-compile a CPU op (~45 s)
-        ds_config["optimizer"]["params"]["torch_adam"] = True
+    if not torch.cuda.is_available():
+        # DeepSpeed's FusedAdam would JIT-compile a CPU op (~45 s); torch's own fused CPU AdamW is
+        # ~3x quicker than its per-tensor loop over ZeRO's flat buffers (base: 0.9 s vs 2.8 s a step)
+        ds_config["optimizer"]["params"].update(torch_adam=True, fused=True)
     engine, *_ = deepspeed.initialize(model=objective, model_parameters=groups, config=ds_config,
                                       lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)),
                                       mpu=mpu)  # a plain function: LambdaLR keeps it out of checkpoints
