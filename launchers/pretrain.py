@@ -61,11 +61,40 @@ def main(argv=None) -> int:
     from vlmo_large.parallel import state
     from vlmo_large.training.trainer import Trainer
 
+    tracker = make_tracker(cfg, resolved, [args.config, args.ds_config])
+    status = "FAILED"
     try:
-        Trainer(cfg, resolved).run()
+        evaluate = None
+        if cfg.eval_every:
+            from vlmo_large.training.heldout_evaluation import HeldOutEvaluator
+            evaluate = HeldOutEvaluator(cfg, resolved, tracker)
+        Trainer(cfg, resolved, tracker=tracker, evaluate=evaluate).run()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
+        tracker.finish(status)
         state.destroy()
     return 0
+
+
+def make_tracker(cfg, resolved, config_files):
+    """MLflow on rank 0 (a no-op elsewhere): the run's config, DeepSpeed config, preset and layout."""
+    import dataclasses
+
+    from vlmo_large.tracking import create_tracker
+    rank = int(os.environ.get("RANK", "0"))
+    tracker = create_tracker(cfg.output_dir, cfg.tracking_uri, run_name=f"{cfg.preset}-{cfg.stage}", rank=rank)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": world // (cfg.parallel.tp * cfg.parallel.pp),
+              "zero": resolved.ds_config.get("zero_optimization", {}).get("stage", 0)}
+    tracker.log_run_setup(config=cfg.to_dict(), ds_config=resolved.ds_config,
+                          preset=dataclasses.asdict(resolved.model), layout=layout)
+    for path in config_files:
+        if path:
+            tracker.log_artifact(path)
+    return tracker
 
 
 if __name__ == "__main__":

@@ -83,6 +83,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    shards: Union[str, list[str], None] = None   # held-out shards of the stage's kind (loss terms, accuracies)
+    batches: int = 20                   # held-out batches per evaluation
+    retrieval_shards: Optional[str] = None       # held-out retrieval images (stage vl) ...
+    retrieval_json: Optional[str] = None         # ... and their captions + gold mapping
+
+
+@dataclass
 class RunConfig:
     preset: str = "tiny"
     model: dict = field(default_factory=dict)   # ModelConfig overrides of the preset
@@ -101,6 +109,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -122,6 +122,11 @@ class Trainer:
         dist.all_reduce(values, group=state.dp_group())  # the global-batch mean, for logging
         return dict(zip(names, (values / state.dp_size()).tolist()))
 
+    def _skip_counts(self) -> dict:
+        """Bad samples the data pipeline skipped so far, by reason (summed over its workers)."""
+        counts = getattr(self.loader, "skip_counts", None)
+        return dict(counts()) if counts else {}
+
     def _data_state(self) -> dict:
         return self.loader.state_dict()
 
@@ -151,7 +156,8 @@ class Trainer:
             history.append({"step": self.step, **metrics})
             progress.update(self.step, metrics, samples_per_s, lr)
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == total):
-                self.tracker.log_metrics({**metrics, "lr": lr, "samples_per_s": samples_per_s}, self.step)
+                skipped = {f"data/skipped_{k}": v for k, v in self._skip_counts().items()}
+                self.tracker.log_metrics({**metrics, **skipped, "lr": lr, "samples_per_s": samples_per_s}, self.step)
             if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._evaluate(progress)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:

@@ -65,6 +65,23 @@ def resolve_batch(cfg: RunConfig, ds: dict, dp: int) -> tuple[int, int]:
     return micro, accum
 
 
+def _check_eval_files(cfg: RunConfig) -> None:
+    ev = cfg.eval
+    if ev.shards:
+        from vlmo_large.data.shard_list import expand_shards
+        try:
+            expand_shards(ev.shards)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"eval.shards: {exc}") from None
+    _check(bool(ev.retrieval_shards) == bool(ev.retrieval_json),
+           "eval.retrieval_shards and eval.retrieval_json are set together (images and their captions)")
+    if ev.retrieval_json:
+        _check(os.path.isfile(ev.retrieval_json), f"eval.retrieval_json: file not found: {ev.retrieval_json}")
+    _check(ev.batches > 0, f"eval.batches={ev.batches} must be > 0")
+    _check(not cfg.eval_every or ev.shards or ev.retrieval_json,
+           f"eval_every={cfg.eval_every} needs eval.shards or eval.retrieval_json")
+
+
 def _check_files(cfg: RunConfig) -> None:
     data = cfg.data
     _check(data.source in ("shards", "random"), f"data.source='{data.source}' must be 'shards' or 'random'")
@@ -78,6 +95,7 @@ def _check_files(cfg: RunConfig) -> None:
         if cfg.stage != "mim":
             _check(bool(data.tokenizer), f"data.tokenizer is not set (stage '{cfg.stage}' reads text)")
             _check(os.path.exists(data.tokenizer), f"data.tokenizer: file not found: {data.tokenizer}")
+    _check_eval_files(cfg)
     if cfg.init is not None:
         _check(os.path.exists(cfg.init), f"init: checkpoint not found: {cfg.init}")
     if cfg.resume not in (None, "auto"):

@@ -1,0 +1,50 @@
+"""Zero-shot retrieval on a held-out split written by the shard tools (images in shards, every
+caption and the gold mapping in a JSON: {"images": keys, "texts": captions, "txt2img": [...]}).
+
+    metrics, feats = heldout_retrieval(model, split, tokenizer, image_size=64, max_text_len=32)
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from vlmo_large.evaluation.pretraining import encode_for_retrieval
+from vlmo_large.evaluation.retrieval import chance_r_at_1, retrieval_metrics
+
+
+@torch.no_grad()
+def heldout_retrieval(model, split: dict, tokenizer, image_size: int, max_text_len: int, batch_size: int = 64):
+    """split: {"shards": pattern, "json": path}. Returns (metrics, (images, image_feats, text_feats, gold))."""
+    from vlmo_large.data import build_loader
+
+    with open(split["json"]) as f:
+        gold = json.load(f)
+    was_training = model.training
+    model.eval()
+    loader = build_loader("image_text", split["shards"], batch_size, tokenizer=tokenizer, image_size=image_size,
+                          max_text_len=max_text_len, train=False, drop_last=False)
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    images, keys = [], []
+    for batch in loader:
+        images.append(batch["image"])
+        keys += list(batch["keys"])
+    images = torch.cat(images)
+    order = [keys.index(k) for k in gold["images"]]  # features in the JSON's image order
+    images = images[order]
+    image_feats, text_feats = [], []
+    for start in range(0, len(images), batch_size):
+        image_cls = model.backbone.encode_image(images[start:start + batch_size].to(device, dtype))[:, 0]
+        image_feats.append(model.itc.image_proj(image_cls))
+    for start in range(0, len(gold["texts"]), batch_size):
+        ids, mask = tokenizer.encode_batch(gold["texts"][start:start + batch_size], max_text_len)
+        ids, mask = torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device)
+        text_feats.append(model.itc.text_proj(model.backbone.encode_text(ids, mask)[:, 0]))
+    image_feats = torch.nn.functional.normalize(torch.cat(image_feats).float(), dim=-1)
+    text_feats = torch.nn.functional.normalize(torch.cat(text_feats).float(), dim=-1)
+    text_to_image = torch.as_tensor(gold["txt2img"], device=image_feats.device)
+    metrics = retrieval_metrics(image_feats, text_feats, text_to_image)
+    metrics["chance_r1"] = chance_r_at_1(len(images))
+    model.train(was_training)
+    return metrics, (images, image_feats, text_feats, text_to_image)
