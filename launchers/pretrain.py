@@ -59,7 +59,10 @@ def main(argv=None) -> int:
         import torch  # ranks sharing a host would otherwise each take every core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     from vlmo_large.parallel import state
-    from vlmo_large.training.trainer import Trainer
+    if cfg.parallel.pp > 1:
+        from vlmo_large.training.pipeline_trainer import PipelineTrainer as Trainer
+    else:
+        from vlmo_large.training.trainer import Trainer
 
     tracker = make_tracker(cfg, resolved, [args.config, args.ds_config])
     status = "FAILED"

@@ -119,6 +119,9 @@ class PipelineStep:
         """[M, 2, B, B x DP]: each micro-batch's i2t and t2i rows of the global ITC logits."""
         self._mode("dual")
         data = [((mb["image"], mb["text_ids"], mb["text_mask"]), torch.zeros(())) for mb in micro_batches]
+        # eval_batch adds to the previous train_batch's scalar total_loss (DeepSpeed 0.19.8 resets it
+        # only in train_batch), which fails for the list of logits this pass returns from step 2 on
+        self.engine.total_loss = None
         out = self.engine.eval_batch(iter(data), compute_loss=True, reduce_output=None, bcast_loss=False,
                                      num_micro_batches=len(data))
         B = len(micro_batches[0]["text_ids"])

@@ -82,6 +82,15 @@ class Trainer:
         cfg = self.cfg
         state.ensure_initialized(cfg.parallel.tp, cfg.parallel.pp)
         self.rank = dist.get_rank()
+        self.build_model()
+        weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
+        self.objective = PretrainingObjective(self.model, cfg.stage, weights, state.dp_group(), cfg.seed)
+        self.engine = build_engine(self.objective, self.resolved, cfg)
+        self.restore()
+
+    def build_model(self) -> None:
+        """VLMo from the seed or `init`, with this stage's freezing (notes for the progress output)."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (TP layers split a master)
         self.model = build_model(self.resolved.model)
         self.progress_note = []
@@ -93,9 +102,10 @@ class Trainer:
         trainable, frozen = apply_stage_freezing(self.model, cfg.stage)
         self.progress_note.append(f"stage {cfg.stage}: {trainable:,} trainable, {frozen:,} frozen parameters "
                                   f"(per TP rank); global batch {self.resolved.global_batch}")
-        weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
-        self.objective = PretrainingObjective(self.model, cfg.stage, weights, state.dp_group(), cfg.seed)
-        self.engine = build_engine(self.objective, self.resolved, cfg)
+
+    def restore(self) -> None:
+        """The data loader, and the engine, step and data position of `resume` if set."""
+        cfg = self.cfg
         self.loader = build_batches(cfg, self.resolved)
         self.step = 0
         if cfg.resume:
@@ -130,9 +140,9 @@ class Trainer:
     def _data_state(self) -> dict:
         return self.loader.state_dict()
 
-    def save(self) -> None:
+    def save(self, extra: Optional[dict] = None) -> None:
         checkpointing.save(self.engine, self.ckpt_dir, self.step, self._data_state(), self.cfg.checkpoint.keep,
-                           extra={"run_config": self.cfg.to_dict()})
+                           extra={"run_config": self.cfg.to_dict(), **(extra or {})})
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, stop_at: Optional[int] = None) -> list[dict]:
@@ -178,12 +188,14 @@ class Trainer:
             self.tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, self.step)
             progress.write(f"eval step {self.step}: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()))
 
+    def export(self, out_dir: str) -> None:
+        checkpointing.export_weights(self.engine, self.model, out_dir, is_zero3(self.engine))
+
     def _finish(self, history: list[dict], export: bool) -> None:
         cfg = self.cfg
         export = export and cfg.checkpoint.export
         if export:
-            checkpointing.export_weights(self.engine, self.model, os.path.join(cfg.output_dir, "export"),
-                                         is_zero3(self.engine))
+            self.export(os.path.join(cfg.output_dir, "export"))
         if self.rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
             path = os.path.join(cfg.output_dir, "metrics.jsonl")

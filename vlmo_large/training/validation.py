@@ -137,7 +137,8 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int) -> ResolvedRun
         model_cfg.validate(tensor_parallel=tp)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    _check(pp == 1, f"parallel.pp={pp}: pipeline-parallel training is not implemented by this trainer; use tp and ZeRO")
+    _check(pp == 1 or not cfg.eval_every, f"eval_every={cfg.eval_every} with parallel.pp={pp}: evaluation during "
+           "training is not supported with pipeline parallelism; set eval_every=0 (evaluate the exported weights)")
     for key in RUN_OWNED:
         _check(key not in ds_config, f"the DeepSpeed config sets '{key}': set it in the run config (optim.*, schedule.*) instead")
     clip = ds_config.get("gradient_clipping")
