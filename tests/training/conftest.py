@@ -22,3 +22,11 @@ def multi_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("multi_rank")
     run_torchrun([os.path.join(REPO, "tests", "training", "dist_worker.py"), str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A small synthetic dataset (image-text, held-out and retrieval splits) shared by launcher tests."""
+    from vlmo_large.data.synthetic import make_synthetic
+    return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), num_pairs=64, num_images=8, num_texts=8,
+                          num_val=16, num_retrieval=6, num_vqa_images=2, num_nlvr2=2, samples_per_shard=16)

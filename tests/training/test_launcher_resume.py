@@ -5,20 +5,12 @@ import json
 import os
 import shutil
 
-import pytest
 from safetensors.torch import load_file
 
 from tests.training.conftest import REPO, run_torchrun
-from vlmo_large.data.synthetic import make_synthetic
 
 LAUNCHER = os.path.join(REPO, "launchers", "pretrain.py")
 DS = os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), num_pairs=64, num_images=8, num_texts=8,
-                          num_val=4, num_retrieval=2, num_vqa_images=2, num_nlvr2=2, samples_per_shard=16)
 
 
 def _launch(out, dataset, *extra):
