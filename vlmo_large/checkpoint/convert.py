@@ -1,4 +1,5 @@
-"""Conversions into a plain checkpoint: from a DeepSpeed checkpoint of any TP x DP x ZeRO layout,
+"""Conversions into a plain checkpoint: from a DeepSpeed checkpoint of any TP x DP x ZeRO layout
+(and TP x PP x DP x ZeRO-0/1 pipeline checkpoints),
 from a reference VLMo checkpoint, and from BEiT/timm vision weights."""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import torch
 
 from vlmo_large.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
+from vlmo_large.checkpoint.pipeline_reader import PipelineCheckpoint, open_checkpoint
 from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout, resolve_config, strip_prefix
 from vlmo_large.checkpoint.plain import CONFIG_NAME, write_plain, write_plain_dict
 from vlmo_large.config import ModelConfig, get_preset
@@ -43,10 +45,12 @@ def stored_config(ckpt: DeepSpeedCheckpoint) -> tuple[dict | None, str]:
 def open_deepspeed(ckpt_path: str, preset: str | None = None, config_path: str | None = None,
                    tag: str | None = None):
     """-> (checkpoint, model config, layout, {our name: checkpoint name}); checks names and presence."""
-    ckpt = DeepSpeedCheckpoint(ckpt_path, tag)
+    ckpt = open_checkpoint(ckpt_path, tag)
     found, source = stored_config(ckpt)
     cfg = resolve_config(preset, config_path, found, source)
     layout = model_layout(cfg)
+    if isinstance(ckpt, PipelineCheckpoint):
+        ckpt.bind(cfg)
     to_ds = {ours: ds for ds, ours in strip_prefix(ckpt.names(), set(layout), ckpt.folder).items()}
     for name in layout:
         if name not in to_ds:
@@ -59,6 +63,10 @@ def open_deepspeed(ckpt_path: str, preset: str | None = None, config_path: str |
 def full_tensor(ckpt: DeepSpeedCheckpoint, layout: dict, to_ds: dict, name: str, key: str = "fp32") -> torch.Tensor:
     """One full (TP-gathered) fp32 tensor: master weights or an Adam moment."""
     info = layout[name]
+    if isinstance(ckpt, PipelineCheckpoint):
+        tensor = ckpt.full_tensor(to_ds[name], key)
+        check_shape(name, tensor.shape, info.shape, ckpt.folder)
+        return tensor
     shards = ckpt.shards(to_ds[name], key)
     for rank, piece in enumerate(shards):
         check_shape(to_ds[name], piece.shape, local_shape(info, ckpt.tp), ckpt.ranks[rank].model_file)

@@ -255,8 +255,8 @@ class DeepSpeedCheckpoint:
         self.folder = resolve_tag_dir(path, tag)
         files = sorted(os.listdir(self.folder))
         if any(_LAYER.match(f) for f in files):
-            raise CheckpointError(f"{self.folder}: pipeline-parallel checkpoint (layer_*-model_states.pt files); "
-                                  "not supported by this reader yet")
+            raise CheckpointError(f"{self.folder}: pipeline-parallel checkpoint (layer_*-model_states.pt files): "
+                                  "read it with checkpoint.pipeline_reader.open_checkpoint")
         model, optim = {}, {}
         for f in files:
             if (m := _MODEL.match(f)):

@@ -89,7 +89,8 @@ class PipelineTrainer(Trainer):
     def train_step(self, batches) -> dict:
         micro = [to_device(next(batches), self.engine.device, torch.float32)
                  for _ in range(self.resolved.grad_accum)]
-        return self.runner.run(micro, self.step)  # already averaged over micro-batches and DP ranks
+        metrics = self.runner.run(micro, self.step)  # already averaged over micro-batches and DP ranks
+        return dict(sorted(metrics.items()))  # Trainer's order in the progress lines
 
     def save(self, extra=None) -> None:
         super().save({OUTSIDE_KEY: self.outside, **(extra or {})})

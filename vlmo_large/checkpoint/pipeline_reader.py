@@ -1,0 +1,150 @@
+"""Read a DeepSpeed *pipeline* checkpoint (TP x PP x ZeRO-0/1, fp32 or bf16) by plain VLMo names.
+
+What DeepSpeed's pipeline engine writes into a tag folder:
+    layer_LL-model_TT-model_states.pt   layer LL's state dict on TP rank TT (its local names,
+                                        e.g. "block.attn.qkv.weight"), in the training dtype
+    mp_rank_MM_model_states.pt          per (stage, TP rank), MM = stage * TP + TT: param_shapes
+                                        ("LL.block.attn.qkv.weight"), client_state
+    [bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt   ZeRO-1 flat fp32 partitions, as without PP
+Trainable tensors are read from the optimizer's fp32 master partitions (deepspeed_reader._TPRank
+does that part, one per MM); frozen ones and ZeRO-0 runs from the layer files. Layer LL is
+pipeline layer LL of parallel/pipeline_module.py (0 embeddings, 1 + i block i, depth + 1 head),
+whose `plain_name` gives the VLMo name; block layers hold slices of the relative-position table,
+concatenated back in layer order. Tensors no pipeline layer of the stage holds come from the
+trainer's client_state (training/pipeline_trainer.OUTSIDE_KEY). Files are mmap-loaded, one tensor
+is materialised at a time.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import torch
+
+from vlmo_large.checkpoint.deepspeed_reader import (_LAYER, _OPTIM, DS_STATE_KEYS, DeepSpeedCheckpoint, _TPRank,
+                                                    load_ds_file, resolve_tag_dir)
+from vlmo_large.config import ModelConfig
+from vlmo_large.formats.io import CheckpointError
+from vlmo_large.parallel.sharding import placement, unshard
+
+OUTSIDE_KEY = "plain_outside_pipeline"  # = training/pipeline_trainer.OUTSIDE_KEY (not imported: no DeepSpeed here)
+TABLE = "backbone.rel_pos.table"
+_PIPE_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+def open_checkpoint(path: str, tag: str | None = None):
+    """A DeepSpeedCheckpoint, or a PipelineCheckpoint where the tag holds layer files."""
+    folder = resolve_tag_dir(path, tag)
+    if any(_LAYER.match(f) for f in os.listdir(folder)):
+        return PipelineCheckpoint(folder)
+    return DeepSpeedCheckpoint(path, tag)
+
+
+def _pipeline_layers(cfg: ModelConfig, stage: str) -> list:
+    """The pipeline's layers on the meta device (names, TP placement), in layer order."""
+    from vlmo_large.parallel.pipeline_layers import BlockLayer, EmbeddingLayer, HeadLayer
+
+    with torch.device("meta"):
+        return ([EmbeddingLayer(cfg, stage)] + [BlockLayer(cfg, stage, i) for i in range(cfg.depth)]
+                + [HeadLayer(cfg, stage)])
+
+
+class PipelineCheckpoint:
+    """All stages and TP ranks of one pipeline checkpoint tag. Call `bind(cfg)` before reading."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        files = sorted(os.listdir(folder))
+        self.layer_files = {}
+        for f in files:
+            if (m := _LAYER.match(f)):
+                self.layer_files[int(m.group(1)), int(m.group(2))] = os.path.join(folder, f)
+        model = {int(m.group(1)): os.path.join(folder, f) for f in files if (m := _PIPE_MODEL.match(f))}
+        optim = {}
+        for f in files:
+            if (m := _OPTIM.match(f)):
+                optim.setdefault(int(m.group(2)), {})[int(m.group(1))] = os.path.join(folder, f)
+        if not model:
+            raise CheckpointError(f"{folder}: pipeline checkpoint without mp_rank_*_model_states.pt files")
+        first = load_ds_file(model[min(model)])
+        dims = first.get("checkpoint_parallel_dimensions") or {}
+        self.tp = int(dims.get("tp_degree") or 1 + max(t for _, t in self.layer_files))
+        self.pp = int(dims.get("pp_degree") or len(model) // self.tp)
+        for mp in range(self.tp * self.pp):
+            if mp not in model:
+                raise CheckpointError(f"missing shard file {os.path.join(folder, f'mp_rank_{mp:02d}_model_states.pt')} "
+                                      f"(TP={self.tp} x PP={self.pp}: no model states of stage {mp // self.tp}, "
+                                      f"TP rank {mp % self.tp})")
+        self.ranks = [_TPRank(folder, mp, {0: model[mp]}, optim.get(mp, {})) for mp in range(self.tp * self.pp)]
+        self.states = self.ranks[0].states
+        self.stage, self.dp = self.ranks[0].stage, self.ranks[0].dp
+        # "LL.local" -> stage of every tensor the optimizer holds (the others: layer files)
+        self.optimized = {name: mp // self.tp for mp, rank in enumerate(self.ranks)
+                          if rank.stage in (1, 2) for name in rank.shapes}
+        self.index: dict[str, list[tuple[int, str, tuple | None]]] = {}
+
+    # -- names -----------------------------------------------------------------------------------
+    def bind(self, cfg: ModelConfig) -> None:
+        """Map every stored layer tensor to its plain name: {plain: [(layer, local name, TP placement)]}."""
+        run = self.client_state.get("run_config") or {}
+        layers = _pipeline_layers(cfg, run.get("stage", "vl"))
+        stored = sorted({layer for layer, _ in self.layer_files})
+        if stored and stored[-1] >= len(layers):
+            raise CheckpointError(f"{self.folder}: layer file {stored[-1]} beyond the {len(layers)} pipeline layers of "
+                                  f"preset '{cfg.name}' (a checkpoint of another preset?)")
+        self.index = {}
+        for idx in stored:
+            layer, params = layers[idx], dict(layers[idx].named_parameters())
+            for local in self._layer_state(idx, 0):
+                if local not in params:
+                    raise CheckpointError(f"{self.layer_files[idx, 0]}: tensor '{local}' is not part of pipeline "
+                                          f"layer {idx} of preset '{cfg.name}'")
+                plain = layer.plain_name(local)
+                self.index.setdefault(plain, []).append((idx, local, placement(params[local])))
+
+    def names(self) -> list[str]:
+        outside = [n for n in self.client_state.get(OUTSIDE_KEY) or {} if n not in self.index]
+        return list(self.index) + outside
+
+    @property
+    def client_state(self) -> dict:
+        return {k: v for k, v in self.states.items() if k not in DS_STATE_KEYS}
+
+    # -- tensors ---------------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=4)  # the tensors of a layer are read one after another
+    def _layer_state(self, layer: int, tp: int) -> dict:
+        path = self.layer_files.get((layer, tp))
+        if path is None:
+            raise CheckpointError(f"missing shard file {os.path.join(self.folder, f'layer_{layer:02d}-model_{tp:02d}-model_states.pt')}")
+        return load_ds_file(path)
+
+    def _local(self, layer: int, local: str, tp: int, key: str) -> torch.Tensor:
+        name = f"{layer}.{local}"
+        if name in self.optimized:
+            return self.ranks[self.optimized[name] * self.tp + tp].tensor(name, key)
+        if key != "fp32":
+            raise CheckpointError(f"{self.folder}: no optimizer state '{key}' for '{name}' (frozen, or ZeRO-0)")
+        return self._layer_state(layer, tp)[local].float()
+
+    def full_tensor(self, plain: str, key: str = "fp32") -> torch.Tensor:
+        """One full fp32 tensor (TP-merged; the relative table also merged over layers)."""
+        if plain not in self.index:
+            outside = self.client_state.get(OUTSIDE_KEY) or {}
+            if plain not in outside:
+                raise CheckpointError(f"{self.folder}: tensor '{plain}' is not in the checkpoint")
+            tensor = outside[plain].float()
+            return tensor if key == "fp32" else torch.zeros_like(tensor)  # never trained in this stage
+        pieces = []
+        for layer, local, place in self.index[plain]:
+            shards = [self._local(layer, local, tp, key) for tp in range(self.tp)]
+            pieces.append(shards[0] if place is None else unshard(shards, *place))
+        return torch.cat(pieces, dim=1) if plain == TABLE else pieces[0]
+
+    def step(self) -> int | None:
+        return self.ranks[0].step()
+
+    def describe(self) -> str:
+        bf16 = any(os.path.basename(p).startswith("bf16_") for r in self.ranks for p in r.optim_files.values())
+        return (f"{self.folder}: pipeline TP={self.tp} PP={self.pp} DP={self.dp} ZeRO-{self.stage} "
+                f"({'bf16' if bf16 else 'fp32/fp16'} training)")
