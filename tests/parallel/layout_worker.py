@@ -21,10 +21,12 @@ MLM_PER_SAMPLE = 5  # the same count in every sample: the mean of per-rank MLM t
 #                     the global token mean, i.e. what one process computes on the concatenated batch
 SEED = 0
 TERMS = ("loss", "itc", "itc_vl", "itm", "mlm")
-# eps above the rounding noise of near-zero gradients (~1e-10 after clipping): Adam's first step
-# divides g by |g| + eps, which would magnify that noise into a visible weight difference at 1e-8.
-# The clip is small enough to clip: the global gradient norm across TP and DP is tested too.
-OPTIM = {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01, "grad_clip": 0.05}
+# Adam's first step moves by lr * g / (|g| + eps): near-zero gradients carry rounding noise of the
+# reduction order (TP, DP) which eps 1e-8 would magnify into visible weight differences. The clip
+# (the gradient norm is ~7) keeps that noise well under eps (worst tensor at ~13% of the tolerance;
+# 0.05 gives ~58%, 1.0 fails) while the step stays sensitive to the clip coefficient: a 1% error in
+# the global gradient norm across TP and DP moves most tensors past the tolerance.
+OPTIM = {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01, "grad_clip": 0.01}
 
 
 def global_batch(cfg) -> dict:
