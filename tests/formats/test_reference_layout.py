@@ -4,7 +4,7 @@ import torch
 
 from tests.conftest import randomize_
 from vlmo_large.formats.io import CheckpointError, load_torch_file
-from vlmo_large.formats.reference import load_reference_checkpoint, to_reference
+from vlmo_large.formats.reference import load_reference_checkpoint, save_reference_checkpoint, to_reference
 from vlmo_large.model import build_model
 
 
@@ -88,3 +88,14 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cut.pt"):
         load_torch_file(str(tmp_path / "cut.pt"))
+
+
+def test_save_reference_checkpoint_loads_back_exactly(tmp_path):
+    source, target = _model(seed=3), _model(seed=4)
+    save_reference_checkpoint(source, str(tmp_path / "vlmo.ckpt"))
+    raw = torch.load(tmp_path / "vlmo.ckpt", weights_only=True)
+    assert "transformer.blocks.0.attn.qkv.weight" in raw["state_dict"]
+    load_reference_checkpoint(target, str(tmp_path / "vlmo.ckpt"))
+    for name, tensor in source.state_dict().items():
+        if not name.startswith("mim_head."):
+            assert torch.equal(tensor, target.state_dict()[name]), name

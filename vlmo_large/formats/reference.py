@@ -125,3 +125,9 @@ def load_reference_checkpoint(model, path: str) -> LoadReport:
     report.unexpected += unused
     report.converted += converted
     return report
+
+
+def save_reference_checkpoint(model, path: str) -> None:
+    """Write `model` (TP=1) as the reference code loads it: a torch file with `state_dict`."""
+    state = {k: v.detach().cpu().contiguous() for k, v in to_reference(model.state_dict()).items()}
+    torch.save({"state_dict": state}, path)
