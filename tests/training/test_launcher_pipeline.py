@@ -1,0 +1,99 @@
+"""The launcher with pipeline parallelism (parallel.pp=2, ZeRO-1, 2 ranks) on the synthetic shards:
+per-step losses equal the non-pipeline run (PP=1, one rank, the same global batch), and a run of
+4 steps equals 2 steps + `--resume auto` + 2 steps (data position, RNG, optimizer, schedule)."""
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.training.conftest import REPO, run_torchrun
+
+LAUNCHER = os.path.join(REPO, "launchers", "pretrain.py")
+DS = os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")
+TERMS = ("loss", "itc", "itc_vl", "itm", "mlm", "itm_acc", "logit_scale")
+
+
+def launch(out, data: dict, nproc: int, *extra, ds: str = DS) -> list[dict]:
+    """4 steps of stage vl, micro-batch 4, checkpoints every 2 steps; -> metrics.jsonl."""
+    result = run_torchrun([LAUNCHER, "--ds_config", ds, "preset=tiny", "stage=vl", f"output_dir={out}",
+                           f"data.shards={data['image_text']['train']}", f"data.tokenizer={data['tokenizer']}",
+                           "data.augment=light", "batch.micro=4", "schedule.steps=4", "schedule.warmup=1",
+                           "checkpoint.every=2", "checkpoint.keep=2", "log_every=1", *extra],
+                          nproc=nproc, timeout=180)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    return history, result.stdout + result.stderr
+
+
+def pipeline_run(tmp_path_factory) -> dict:
+    """The PP=2 launcher run, once per session (also read by tests/checkpoint/test_pipeline_to_plain.py):
+    {"out": output dir, "data": synthetic dataset, "history": metrics, "log": console output}."""
+    root = tmp_path_factory.getbasetemp() / "pipeline_launch"
+    done = root / "run.json"
+    if not done.exists():
+        from vlmo_large.data.synthetic import make_synthetic
+        shutil.rmtree(root, ignore_errors=True)
+        data = make_synthetic(str(root / "data"), num_pairs=64, num_images=8, num_texts=8, num_val=4,
+                              num_retrieval=2, num_vqa_images=2, num_nlvr2=2, samples_per_shard=16)
+        history, log = launch(root / "pp2", data, 2, "parallel.pp=2")
+        done.write_text(json.dumps({"out": str(root / "pp2"), "data": data, "history": history, "log": log},
+                                   default=str))
+    return json.loads(done.read_text())
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory):
+    return pipeline_run(tmp_path_factory)
+
+
+def test_pipeline_losses_equal_the_non_pipeline_run(pp2, tmp_path):
+    # PP=2 on 2 ranks has DP=1: its global batch is one rank's micro-batch, as one PP=1 process
+    reference, _ = launch(tmp_path / "pp1", pp2["data"], 1)
+    got = pp2["history"]
+    assert [h["step"] for h in got] == [1, 2, 3, 4]
+    for ref, mine in zip(reference, got):
+        assert set(mine) == set(ref) == {"step", *TERMS}
+        for key in TERMS:
+            assert mine[key] == pytest.approx(ref[key], rel=1e-5), (key, ref, mine)
+    log = pp2["log"]
+    assert "pipeline: 2 stages x TP 1 x DP 1" in log and "step 4/4 " in log
+
+
+def test_pipeline_checkpoints_and_export(pp2):
+    ckpt = os.path.join(pp2["out"], "checkpoints")
+    assert sorted(t for t in os.listdir(ckpt) if t.startswith("step")) == ["step00000002", "step00000004"]
+    assert open(os.path.join(ckpt, "latest")).read() == "step00000004"
+    files = os.listdir(os.path.join(ckpt, "step00000004"))
+    assert "COMPLETE" in files and "layer_05-model_00-model_states.pt" in files
+    exported = load_file(os.path.join(pp2["out"], "export", "model.safetensors"))
+    from vlmo_large.model import build_model
+    assert set(exported) == set(build_model("tiny", device="meta").state_dict())
+    with open(os.path.join(pp2["out"], "export", "model_config.json")) as f:
+        assert json.load(f)["name"] == "tiny"
+
+
+def test_pipeline_resume_equals_the_uninterrupted_run(pp2, tmp_path):
+    # the checkpoint directory as a job that ended after step 2 left it
+    shutil.copytree(os.path.join(pp2["out"], "checkpoints"), tmp_path / "checkpoints")
+    shutil.rmtree(tmp_path / "checkpoints" / "step00000004")
+    resumed, log = launch(tmp_path, pp2["data"], 2, "parallel.pp=2", "--resume", "auto")
+    assert "resumed from step00000002 at step 2" in log
+    assert [h["step"] for h in resumed] == [3, 4]
+    for full, mine in zip(pp2["history"][2:], resumed):
+        for key in TERMS:
+            assert abs(full[key] - mine[key]) < 1e-6, (key, full, mine)
+    a = load_file(str(tmp_path / "export" / "model.safetensors"))
+    b = load_file(os.path.join(pp2["out"], "export", "model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_eval_during_training_is_refused_with_pipeline():
+    from vlmo_large.training.run_config import ConfigError, load_run_config
+    from vlmo_large.training.validation import resolve_run
+
+    cfg = load_run_config(None, ["preset=tiny", "stage=vl", "data.source=random", "batch.micro=2",
+                                 "parallel.pp=2", "eval_every=2", "eval.retrieval_json=x.json"])
+    with pytest.raises(ConfigError, match="not supported with pipeline parallelism"):
+        resolve_run(cfg, {"zero_optimization": {"stage": 1}}, world_size=2)
