@@ -1,0 +1,58 @@
+"""`to-plain` of pipeline checkpoints written by the launcher: PP=2 ZeRO-1 fp32 (the run of
+tests/training/test_launcher_pipeline.py) and TP=2 x PP=2 ZeRO-1 bf16. The plain folder holds every
+tensor of the preset, equal to the launcher's own export, and one process computes the same."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.checkpoint.conftest import assert_outputs_equal
+from tests.checkpoint.ds_train import probe_outputs
+from tests.training.test_launcher_pipeline import launch, pipeline_run
+from tools.convert_checkpoint import main as convert_main
+from vlmo_large.checkpoint import PlainCheckpoint, to_plain
+from vlmo_large.model import build_model
+
+
+def outputs_of(path: str) -> dict:
+    torch.manual_seed(123)  # any init: every tensor is overwritten
+    model = build_model("tiny").eval()
+    plain = PlainCheckpoint(path) if os.path.isdir(path) else None
+    state = {n: plain.get(n) for n in plain.names()} if plain else load_file(path)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    with torch.no_grad():
+        return probe_outputs(model)
+
+
+def test_pp2_fp32_to_plain_equals_the_export(tmp_path_factory, tmp_path):
+    run = pipeline_run(tmp_path_factory)
+    assert convert_main(["to-plain", os.path.join(run["out"], "checkpoints"), str(tmp_path / "plain")]) == 0
+    exported = os.path.join(run["out"], "export", "model.safetensors")
+    ours, theirs = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(exported)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert_outputs_equal(outputs_of(str(tmp_path / "plain")), outputs_of(exported), atol=1e-6)
+    with open(tmp_path / "plain" / "config.json") as f:
+        assert json.load(f)["name"] == "tiny"
+
+    # --init reads the same checkpoint through the same reader
+    from vlmo_large.training.initialization import read_full_weights
+    init = read_full_weights(os.path.join(run["out"], "checkpoints"))
+    assert all(torch.equal(init[k], ours[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_bf16_to_plain_equals_the_export(tmp_path_factory, tmp_path):
+    data = pipeline_run(tmp_path_factory)["data"]
+    ds = tmp_path / "bf16_zero1.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}))
+    launch(tmp_path / "run", data, 4, "parallel.pp=2", "parallel.tp=2", "schedule.steps=2", ds=str(ds))
+    to_plain(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "plain"))
+    ours = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == torch.float32 and theirs[k].dtype == torch.bfloat16 for k in ours)
+    # the fp32 master weights are what the bf16 weights were rounded from
+    assert all(torch.equal(ours[k].bfloat16(), theirs[k]) for k in ours)
