@@ -105,7 +105,8 @@ class PipelineStep:
             B, inputs = len(mb["text_ids"]), None
             if self.first:
                 # PretrainingObjective's seed for this step and data-parallel rank
-                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4099 + state.dp_rank())
+                generator = torch.Generator(device=mb["image"].device)
+                generator.manual_seed((self.seed * 1_000_003 + step) * 4099 + state.dp_rank())
                 pairs = itm_pairs(mb, i2t, t2i, group, generator)
                 inputs = (mb["image"], mb["text_ids"], mb["text_mask"],
                           torch.cat([mb["mlm_ids"], pairs["text_ids"]]),
@@ -125,7 +126,7 @@ class PipelineStep:
         out = self.engine.eval_batch(iter(data), compute_loss=True, reduce_output=None, bcast_loss=False,
                                      num_micro_batches=len(data))
         B = len(micro_batches[0]["text_ids"])
-        logits = torch.zeros(len(data), 2, B, B * state.dp_size())
+        logits = torch.zeros(len(data), 2, B, B * state.dp_size(), device=self.engine.device)  # NCCL: on the GPU
         if self.last:
             logits = torch.stack([torch.stack(pair) for pair in out]).float()
         grid = self.engine.grid
