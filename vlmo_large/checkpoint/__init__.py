@@ -1,6 +1,7 @@
 """Checkpoint conversion and layout-changing resume.
 
-- `to_plain`: DeepSpeed checkpoint (TP x DP x ZeRO-1/2/3, fp32 or bf16) -> plain safetensors folder.
+- `to_plain`: DeepSpeed checkpoint (TP x DP x ZeRO-1/2/3, or pipeline TP x PP x DP x ZeRO-0/1; fp32
+  or bf16) -> plain safetensors folder.
 - `write_sharded` / `load_sharded_plain`: plain weights split for a TP x PP run, and the loader of
   a run's `--init`.
 - `import_reference`, `import_beit`: released VLMo / BEiT weights -> plain folder.

@@ -28,7 +28,7 @@ from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError
 from vlmo_large.parallel.sharding import placement, unshard
 
-OUTSIDE_KEY = "plain_outside_pipeline"  # = training/pipeline_trainer.OUTSIDE_KEY (not imported: no DeepSpeed here)
+OUTSIDE_KEY = "plain_outside_pipeline"  # client_state of training/pipeline_trainer.py: tensors no stage holds
 TABLE = "backbone.rel_pos.table"
 _PIPE_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 

@@ -27,17 +27,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch.optim.lr_scheduler import LambdaLR
 
+from vlmo_large.checkpoint.pipeline_reader import OUTSIDE_KEY  # client_state: {plain name: tensor} no stage holds
 from vlmo_large.parallel import state
 from vlmo_large.parallel.pipeline_engine import PipelineStep, build_pipeline_engine
 from vlmo_large.parallel.pipeline_weights import gather_plain_state_dict, named_plain_parameters
 from vlmo_large.parallel.sharding import gather_full_state_dict
-from vlmo_large.training import checkpointing
 from vlmo_large.training.engine import model_dtype
 from vlmo_large.training.objectives import LossWeights
 from vlmo_large.training.optimization import WarmupDecay
 from vlmo_large.training.trainer import Trainer, to_device
 
-OUTSIDE_KEY = "plain_outside_pipeline"  # client_state: {plain name: tensor} of what no stage holds
 
 
 def pipeline_ds_config(ds_config: dict) -> dict:
