@@ -6,7 +6,8 @@
     import-beit FILE OUT --preset NAME
     to-portable CKPT_DIR OUT          (weights + Adam moments, to resume on another layout)
 
-CKPT_DIR is a DeepSpeed save folder (with `latest`) or one tag folder. The model config comes
+CKPT_DIR is a DeepSpeed save folder (with `latest`) or one tag folder, of any TP x ZeRO-0/1/2/3
+layout or TP x PP x ZeRO-0/1 pipeline layout. The model config comes
 from the checkpoint (client_state or config.json) unless --preset / --config give it. Errors print
 `error: ...` and exit with status 2.
 """
