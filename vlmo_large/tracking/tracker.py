@@ -82,9 +82,9 @@ def create_tracker(output_dir: str | os.PathLike, tracking_uri: str | None = Non
     artifacts under <output_dir>/mlruns); view it with
     `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`. `tracking_uri` (http://host:port)
     logs to a tracking server instead. `options` go to `MlflowTracker` (run_id to resume a run,
-    tags, max_buffered_metrics, retry_interval).
+    tags, max_buffered_metrics, retry_interval). `tracking_uri="none"` turns tracking off.
     """
-    if rank != 0:
+    if rank != 0 or (tracking_uri or "").lower() == "none":
         return Tracker()
     from vlmo_large.tracking.mlflow_tracker import MlflowTracker  # mlflow is imported on rank 0 only
     return MlflowTracker(output_dir, tracking_uri, experiment, run_name, **options)

@@ -101,7 +101,7 @@ class RunConfig:
     resume: Optional[str] = None        # "auto" (newest complete checkpoint), a checkpoint dir, or None
     log_every: int = 10
     eval_every: int = 0                 # 0: no evaluation during training
-    tracking_uri: Optional[str] = None
+    tracking_uri: Optional[str] = None  # None: <output_dir>/mlflow.db; http://...: a server; "none": off
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
