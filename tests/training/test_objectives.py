@@ -93,3 +93,11 @@ def test_resume_ignores_incomplete_checkpoints_and_prune_keeps_the_newest(tmp_pa
     assert checkpointing.find_resume_tag(str(tmp_path / "step00000008")) is None
     checkpointing.prune(str(tmp_path), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000004", "step00000006"]
+
+
+def test_cuda_arch_names_deepspeed_cannot_parse_are_made_generic(monkeypatch):
+    from vlmo_large.training.engine import _plain_cuda_arch_list
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;10.0f+PTX")
+    _plain_cuda_arch_list()
+    import os
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"

@@ -9,6 +9,7 @@ import copy
 import importlib
 import logging
 import os
+import re
 import warnings
 
 import torch
@@ -36,8 +37,18 @@ def prepare_deepspeed(rank: int) -> None:
         return
     if not torch.cuda.is_available():
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *args, **kwargs: None
+    else:
+        _plain_cuda_arch_list()
     _broadcast_0dim_parameters()
     _prepared = True
+
+
+def _plain_cuda_arch_list() -> None:
+    """DeepSpeed 0.19.8 cannot parse arch-specific names such as "9.0a" (set by some CUDA images)
+    when it JIT-builds FusedAdam; the generic "9.0" builds the same kernels for this use."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", arch)
 
 
 def _broadcast_0dim_parameters() -> None:
