@@ -10,11 +10,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from tests.conftest import randomize_
 from tests.parallel.layout_worker import GLOBAL_BATCH, OPTIM, SEED, TERMS, global_batch
-from tests.parallel.test_tensor_parallel import REPO, run_torchrun
+from tests.training.conftest import REPO, run_torchrun
 from vlmo_large.model import build_model
 from vlmo_large.training import objectives
 from vlmo_large.training.freezing import apply_stage_freezing
@@ -24,12 +23,8 @@ LAYOUTS = {"tp2_zero1": (2, 1, 2), "dp2_zero3": (1, 3, 2), "tp2_dp2_zero3": (2, 
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize_(build_model("tiny"), seed=5)
-    path = tmp_path_factory.mktemp("layouts") / "weights.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+def weights(tiny_weights):
+    return tiny_weights
 
 
 @pytest.fixture(scope="module", params=[
@@ -37,7 +32,7 @@ def weights(tmp_path_factory):
 def layout_run(request, weights, tmp_path_factory):
     tp, zero, nproc = LAYOUTS[request.param]
     out = tmp_path_factory.mktemp(request.param)
-    run_torchrun(os.path.join(REPO, "tests/parallel/layout_worker.py"), [str(weights), str(out), str(tp), str(zero)],
+    run_torchrun([os.path.join(REPO, "tests/parallel/layout_worker.py"), str(weights), str(out), str(tp), str(zero)],
                  nproc=nproc, timeout=300)
     result = torch.load(out / "result.pt", weights_only=True)
     result["reference"] = reference_step(str(weights), drawn_negatives(result["ranks"]))

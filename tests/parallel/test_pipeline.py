@@ -6,12 +6,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from tests.conftest import randomize_
 from tests.parallel.pipeline_reference import reference_step
-from tests.parallel.test_tensor_parallel import REPO, run_torchrun
-from vlmo_large.model import build_model
+from tests.training.conftest import REPO, run_torchrun
 from vlmo_large.training.freezing import is_trainable
 
 LAYOUTS = {"pp2": (1, 2), "tp2_pp2": (2, 2)}
@@ -19,12 +17,8 @@ STAGES = ("vl", "mim", "text_mlm")
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize_(build_model("tiny"), seed=5)
-    path = tmp_path_factory.mktemp("pipeline") / "weights.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+def weights(tiny_weights):
+    return tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def references(weights):
 def pipeline_run(request, weights, tmp_path_factory):
     tp, pp = LAYOUTS[request.param]
     out = tmp_path_factory.mktemp(request.param)
-    run_torchrun(os.path.join(REPO, "tests/parallel/pipeline_worker.py"), [str(weights), str(out), str(tp), str(pp)],
+    run_torchrun([os.path.join(REPO, "tests/parallel/pipeline_worker.py"), str(weights), str(out), str(tp), str(pp)],
                  nproc=tp * pp, timeout=300)
     return {stage: torch.load(out / f"{stage}.pt", weights_only=True) for stage in STAGES}
 

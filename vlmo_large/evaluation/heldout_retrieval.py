@@ -36,13 +36,12 @@ def heldout_retrieval(model, split: dict, tokenizer, image_size: int, max_text_l
     image_feats, text_feats = [], []
     for start in range(0, len(images), batch_size):
         image_cls = model.backbone.encode_image(images[start:start + batch_size].to(device, dtype))[:, 0]
-        image_feats.append(model.itc.image_proj(image_cls))
+        image_feats.append(model.itc.embed_image(image_cls).float())
     for start in range(0, len(gold["texts"]), batch_size):
         ids, mask = tokenizer.encode_batch(gold["texts"][start:start + batch_size], max_text_len)
         ids, mask = torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device)
-        text_feats.append(model.itc.text_proj(model.backbone.encode_text(ids, mask)[:, 0]))
-    image_feats = torch.nn.functional.normalize(torch.cat(image_feats).float(), dim=-1)
-    text_feats = torch.nn.functional.normalize(torch.cat(text_feats).float(), dim=-1)
+        text_feats.append(model.itc.embed_text(model.backbone.encode_text(ids, mask)[:, 0]).float())
+    image_feats, text_feats = torch.cat(image_feats), torch.cat(text_feats)
     text_to_image = torch.as_tensor(gold["txt2img"], device=image_feats.device)
     metrics = retrieval_metrics(image_feats, text_feats, text_to_image)
     metrics["chance_r1"] = chance_r_at_1(len(images))

@@ -31,9 +31,14 @@ class ContrastiveHeads(nn.Module):
         self.text_proj = nn.Linear(dim, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    def embed_image(self, image_cls: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(image_cls), dim=-1)
+
+    def embed_text(self, text_cls: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text_cls), dim=-1)
+
     def forward(self, image_cls: torch.Tensor, text_cls: torch.Tensor):
-        return (F.normalize(self.image_proj(image_cls), dim=-1),
-                F.normalize(self.text_proj(text_cls), dim=-1))
+        return self.embed_image(image_cls), self.embed_text(text_cls)
 
 
 class MLMHead(nn.Module):

@@ -53,16 +53,12 @@ class HeldOutEvaluator:
         return results
 
     def _loss_terms(self, engine, batches, step: int) -> dict:
+        from vlmo_large.training.trainer import mean_over_data_parallel
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             for k, v in engine(batch, step).items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        if not sums:
-            return {}
-        names = sorted(sums)
-        values = torch.stack([sums[k] for k in names]) / len(batches)
-        dist.all_reduce(values, group=state.dp_group())
-        return {f"{k}": v for k, v in zip(names, (values / state.dp_size()).tolist())}
+        return mean_over_data_parallel(sums, len(batches))
 
     def _retrieval(self, model, step: int) -> dict:
         from vlmo_large.evaluation.heldout_retrieval import heldout_retrieval

@@ -64,6 +64,16 @@ def endless(loader):
             raise RuntimeError("the data loader produced no batch in a whole epoch (too few samples for the batch size?)")
 
 
+def mean_over_data_parallel(sums: dict, count: int) -> dict:
+    """Per-rank sums of `count` values each -> the global mean of every term (one all-reduce)."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    values = torch.stack([sums[k] for k in names]) / count
+    dist.all_reduce(values, group=state.dp_group())
+    return dict(zip(names, (values / state.dp_size()).tolist()))
+
+
 def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
@@ -127,10 +137,7 @@ class Trainer:
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        names = sorted(sums)
-        values = torch.stack([sums[k] for k in names]) / accum
-        dist.all_reduce(values, group=state.dp_group())  # the global-batch mean, for logging
-        return dict(zip(names, (values / state.dp_size()).tolist()))
+        return mean_over_data_parallel(sums, accum)
 
     def _skip_counts(self) -> dict:
         """Bad samples the data pipeline skipped so far, by reason (summed over its workers)."""
