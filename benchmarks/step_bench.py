@@ -7,14 +7,17 @@ AdamW groups, clipping) on random batches with the pipeline's shapes and 15% MLM
 Prints samples/s, TFLOP/s and, on a GPU, MFU against the card's dense peak.
 
 FLOPs per sample (counted per pass; activation recompute not counted):
-    linear   6 * P_active * tokens * layers      for each pass, where P_active is one block's
-             attention (4 D^2 + 3 D) + ONE expert (2 D F + F + D) + norms (4 D), i.e. one expert
-             per token (MoME routes each token to exactly one FFN)
+    linear   6 * P_active * tokens per layer, where P_active is one block's attention
+             (4 D^2 + 3 D) + ONE expert (2 D F + F + D) + norms (4 D), i.e. one expert per token
+             (MoME routes each token to exactly one FFN)
     attention 12 * L^2 * D per layer and sequence (QK^T and AV, 2 L^2 D each, forward; x3 for
              forward + backward), bidirectional: the full L x L square
-    passes   image (L = N+1) through depth + (depth - vl_start) VL-branch layers; text (L = T)
-             likewise; fused pairs (L = T + N + 1) through depth layers, 4 of them per sample
-             (1 MLM + 3 ITM)
+    last layer of a pass computes only the n positions that are read out (CLS for ITC, the text
+             for MLM/ITM): keys and values for all L tokens (6 * (2 D^2 + D) * L), the rest for n
+             (6 * (P_active - 2 D^2 - D) * n), attention 12 * n * L * D
+    passes   image (L = N+1) through depth layers + (depth - vl_start) VL-branch layers, n = 1;
+             text (L = T) likewise; fused pairs (L = T + N + 1) through depth layers, n = T,
+             4 of them per sample (1 MLM + 3 ITM)
     + patch embedding 6 * 3 p^2 D per patch per image-carrying pass, ITC heads 6 * 4 D^2,
       pooler + ITM head 6 * 3 (D^2 + 2 D), MLM head 6 * (D^2 + D V) per masked token
 """
@@ -37,19 +40,24 @@ PEAK_TFLOPS = {  # dense, per GPU
 def flops_per_sample(cfg, mlm_prob: float = 0.15) -> float:
     D, F, depth, vl = cfg.embed_dim, cfg.ffn_dim, cfg.depth, cfg.num_vl_layers
     layer_params = 4 * D * D + 3 * D + 2 * D * F + F + D + 4 * D
+    kv_params = 2 * D * D + D
     n_img, T = cfg.num_patches + 1, cfg.max_text_len
     n_pair = T + n_img
 
-    def encoder(tokens: int, layers: int) -> float:
-        return 6 * layer_params * tokens * layers + 12 * tokens ** 2 * D * layers
+    def encoder(tokens: int, layers: int, kept: int) -> float:
+        if layers == 0:
+            return 0.0
+        full = 6 * layer_params * tokens + 12 * tokens ** 2 * D
+        last = 6 * kv_params * tokens + 6 * (layer_params - kv_params) * kept + 12 * kept * tokens * D
+        return (layers - 1) * full + last
 
-    total = encoder(n_img, depth + vl) + encoder(T, depth + vl) + 4 * encoder(n_pair, depth)
+    total = sum(encoder(L, depth, 1) + encoder(L, vl, 1) for L in (n_img, T)) + 4 * encoder(n_pair, depth, T)
     total += 6 * 3 * cfg.patch_size ** 2 * D * cfg.num_patches * 5  # image pass + 4 fused pairs
     total += 6 * 4 * D * D + 6 * 3 * (D * D + 2 * D) + 6 * (D * D + D * cfg.vocab_size) * mlm_prob * T
     return float(total)
 
 
-def build(preset: str, batch: int, dtype: str):
+def build(preset: str, batch: int, dtype: str, zero: int = 1):
     import torch
 
     from vlmo_large.parallel import state
@@ -59,8 +67,9 @@ def build(preset: str, batch: int, dtype: str):
     from vlmo_large.training.validation import resolve_run
 
     cfg = build_dataclass(RunConfig, {"preset": preset, "stage": "vl", "data": {"source": "random"},
-                                      "batch": {"micro": batch}, "schedule": {"steps": 10 ** 6, "warmup": 10}})
-    ds = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": dtype == "bf16"}}
+                                      "batch": {"micro": batch}, "schedule": {"steps": 10 ** 6, "warmup": 10},
+                                      **({"optim": {"grad_clip": 0.0}} if os.environ.get("NOCLIP") else {})})
+    ds = {"zero_optimization": {"stage": zero}, "bf16": {"enabled": dtype == "bf16"}}
     resolved = resolve_run(cfg, ds, 1)
     state.ensure_initialized(1, 1)
     from vlmo_large.model import build_model

@@ -55,6 +55,8 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    from vlmo_large.cpu_memory import retain_freed_memory_on_cpu
+    retain_freed_memory_on_cpu()
     if not os.environ.get("OMP_NUM_THREADS") and "WORLD_SIZE" in os.environ:
         import torch  # ranks sharing a host would otherwise each take every core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

@@ -101,30 +101,10 @@ def ds_config(zero: int, bf16: bool, micro: int) -> dict:
     }
 
 
-def allow_0dim_params() -> None:
-    """DeepSpeed 0.19.8 broadcasts parameters as `p.data.view(torch.uint8)`, which fails for 0-dim
-    ones (itc.logit_scale). Every rank here builds identical weights from one seed, so the model
-    broadcast is skipped and ZeRO-3's initial broadcast goes through a 1-d view of the same storage."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.zero.partition_parameters import Init
-
-    DeepSpeedEngine._broadcast_model = lambda self: None
-
-    def zero_init_param(self, param):
-        self._convert_to_deepspeed_param(param)
-        group = self.get_partition_dp_group(param)
-        src = dist.get_global_rank(group, 0) if group is not None else 0
-        dist.broadcast(param.data.reshape(-1).view(torch.uint8), src, group)
-        param.partition()
-
-    Init._zero_init_param = zero_init_param
-
-
 def build_engine(tp: int, zero: int, bf16: bool, seed: int = 0):
     import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *a, **k: None
-    allow_0dim_params()
     from vlmo_large.model import build_model
     from vlmo_large.parallel import state
 

@@ -62,6 +62,7 @@ def test_reference_format_round_trip(tp2_dp2_run, tmp_path):
     assert {"transformer.blocks.3.mlp_vl.fc1.weight", "relative_position_bias_table", "logit_vl_scale"} <= names
     # reference releases are torch files under a wrapper
     state = load_file(str(ref / "model.safetensors"))
+    assert state["logit_scale"].shape == state["logit_vl_scale"].shape == ()  # 0-dim, as the reference has them
     torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "vlmo.pth")
     back = tmp_path / "back"
     report = import_reference(str(tmp_path / "vlmo.pth"), str(back), get_preset("tiny"))

@@ -22,6 +22,7 @@ def test_reference_names_follow_spec_section7():
                 "mlm_score.decoder.weight", "itm_score.fc.weight", "itc_vl_text_proj.fc.weight"]:
         assert key in ref, key
     assert tuple(ref["transformer.blocks.0.attn.qkv.weight"].shape) == (2304, 768)
+    assert ref["logit_scale"].shape == ref["logit_vl_scale"].shape == ()  # the reference's 0-dim scalars
     assert "transformer.blocks.9.mlp_vl.fc1.weight" not in ref  # VL experts only in the top 2 of base
 
 

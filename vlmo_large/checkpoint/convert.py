@@ -15,7 +15,7 @@ from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout,
 from vlmo_large.checkpoint.plain import CONFIG_NAME, write_plain, write_plain_dict
 from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
-from vlmo_large.formats.reference import from_reference, to_reference
+from vlmo_large.formats.reference import REFERENCE_SCALARS, from_reference, to_reference
 from vlmo_large.parallel.sharding import unshard
 
 CONFIG_KEYS = ("model_config", "model_cfg", "config")
@@ -80,10 +80,13 @@ def to_plain(ckpt_path: str, out_dir: str, preset: str | None = None, config_pat
     ckpt, cfg, layout, to_ds = open_deepspeed(ckpt_path, preset, config_path, tag)
     names = to_reference({n: n for n in layout}) if naming == "reference" else {n: n for n in layout}
     out_dtype = dtype or torch.float32
-    entries = [(out, layout[ours].shape, out_dtype) for out, ours in names.items()]
+    shapes = {out: torch.Size(()) if naming == "reference" and out in REFERENCE_SCALARS else layout[ours].shape
+              for out, ours in names.items()}
+    entries = [(out, shapes[out], out_dtype) for out in names]
 
     def fetch(out_name: str) -> torch.Tensor:
-        return full_tensor(ckpt, layout, to_ds, names[out_name]).to(out_dtype).contiguous()
+        tensor = full_tensor(ckpt, layout, to_ds, names[out_name])
+        return tensor.reshape(shapes[out_name]).to(out_dtype).contiguous()
 
     return write_plain(out_dir, entries, fetch, cfg, naming, max_shard_bytes, desc="to-plain")
 

@@ -2,7 +2,8 @@
 
 Both layouts hold the same tensors with the same shapes (the merged relative table included), so
 conversion is renaming, plus resampling the relative table or absolute positions when the
-checkpoint was trained at another image size.
+checkpoint was trained at another image size. One exception: the reference's logit scales are
+0-dim, ours hold one element (DeepSpeed's broadcast and clipping need a dimension).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ _PAIRS = [
 _REFERENCE_BUFFERS = re.compile(r"(^|\.)(position_ids|relative_position_index|text_relative_position_index|"
                                 r"text_imag_relative_position_index)$")
 
+REFERENCE_SCALARS = ("logit_scale", "logit_vl_scale")  # 0-dim there, 1 element here
+
 _GROUPS = {"{i}": r"(?P<i>\d+)", "{e}": r"(?P<e>text|imag|vl)", "{p}": r"(?P<p>weight|bias)"}
 
 
@@ -86,7 +89,7 @@ def to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, tensor in state.items():
         ref = _rename(name, _TO_REF)
         if ref is not None:
-            out[ref] = tensor
+            out[ref] = tensor.reshape(()) if ref in REFERENCE_SCALARS and torch.is_tensor(tensor) else tensor
     return out
 
 
@@ -99,7 +102,7 @@ def from_reference(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[di
             if not _REFERENCE_BUFFERS.search(name):
                 unused.append(name)
             continue
-        out[ours] = tensor
+        out[ours] = tensor.reshape(1) if name in REFERENCE_SCALARS else tensor
     table = out.get("backbone.rel_pos.table")
     if table is not None:
         old_grid = _grid_of_table(table.shape[0], cfg)

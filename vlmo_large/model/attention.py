@@ -40,11 +40,15 @@ class SelfAttention(nn.Module):
         self.proj = RowLinear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, queries: int | None = None) -> torch.Tensor:
+        """queries=n: only the first n positions attend (to all keys); returns [B, n, D]."""
         B, N, _ = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = self.qkv(x, bias=qkv_bias)
         q, k, v = qkv.view(B, N, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if queries is not None:
+            q, N = q[:, :, :queries], queries
+            bias = None if bias is None else bias[:, :queries]
         if self.backend == "sdpa":
             mask = additive_mask(bias, key_mask, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,

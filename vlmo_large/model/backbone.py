@@ -71,37 +71,46 @@ class MoMEBackbone(nn.Module):
         return None if self.rel_pos is None else self.rel_pos(mode, text_len)
 
     def run_blocks(self, x: torch.Tensor, routes: list[str], bias, key_mask=None, text_len: int = 0,
-                   start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+                   start: int = 0, end: Optional[int] = None, keep: Optional[int] = None) -> torch.Tensor:
+        """Blocks [start, end). keep=n returns only the first n positions, which the last block
+        computes alone (exactly the same numbers: keys and values still come from every position)."""
         end = self.cfg.depth if end is None else end
+        if keep is not None and start >= end:
+            return x[:, :keep]
         for i in range(start, end):
             block, layer_bias = self.blocks[i], None if bias is None else bias[i]
+            queries = keep if i == end - 1 else None
             if self.checkpoint_every and self.training and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, routes[i], layer_bias, key_mask, text_len, use_reentrant=False)
+                x = checkpoint(block, x, routes[i], layer_bias, key_mask, text_len, queries, use_reentrant=False)
             else:
-                x = block(x, routes[i], layer_bias, key_mask, text_len)
+                x = block(x, routes[i], layer_bias, key_mask, text_len, queries)
         return x
 
-    def _single_modality(self, x, expert: str, bias_mode: str, key_mask, text_len: int, vl_branch: bool):
+    def _single_modality(self, x, expert: str, bias_mode: str, key_mask, text_len: int, vl_branch: bool,
+                         keep: Optional[int]):
         cfg = self.cfg
         bias = self._bias(bias_mode, text_len)
         x = self.run_blocks(x, [expert] * cfg.depth, bias, key_mask, text_len, end=cfg.vl_start)
         if vl_branch:
-            vl = self.run_blocks(x, ["vl"] * cfg.depth, bias, key_mask, text_len, start=cfg.vl_start)
-        x = self.run_blocks(x, [expert] * cfg.depth, bias, key_mask, text_len, start=cfg.vl_start)
+            vl = self.run_blocks(x, ["vl"] * cfg.depth, bias, key_mask, text_len, start=cfg.vl_start, keep=keep)
+        x = self.run_blocks(x, [expert] * cfg.depth, bias, key_mask, text_len, start=cfg.vl_start, keep=keep)
         return (self.norm(x), self.norm(vl)) if vl_branch else self.norm(x)
 
     # -- encoder modes --------------------------------------------------------------------------
+    # keep=n: return only the first n positions (1: the CLS token), skipping the last layer's work
+    # for the others; the returned values are those of the full forward.
     def encode_image(self, images: torch.Tensor, vl_branch: bool = False, modality_row: int = IMAGE_ROW,
-                     mim_mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None):
+                     mim_mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None,
+                     keep: Optional[int] = None):
         x = self.embed_image(images, modality_row, mim_mask, mask_token)
-        return self._single_modality(x, "imag", "image", None, 0, vl_branch)
+        return self._single_modality(x, "imag", "image", None, 0, vl_branch, keep)
 
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, vl_branch: bool = False):
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, vl_branch: bool = False, keep: Optional[int] = None):
         x = self.embed_text(ids)
-        return self._single_modality(x, "text", "text", mask.bool(), ids.shape[1], vl_branch)
+        return self._single_modality(x, "text", "text", mask.bool(), ids.shape[1], vl_branch, keep)
 
     def encode_pair(self, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor,
-                    modality_row: int = IMAGE_ROW) -> torch.Tensor:
+                    modality_row: int = IMAGE_ROW, keep: Optional[int] = None) -> torch.Tensor:
         """Fused encoder over [text ; image]; returns the final-normed sequence (text first)."""
         text = self.embed_text(ids)
         image = self.embed_image(images, modality_row)
@@ -109,4 +118,4 @@ class MoMEBackbone(nn.Module):
         key_mask = torch.cat([mask.bool(), torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], 1)
         cfg, text_len = self.cfg, ids.shape[1]
         routes = ["pair"] * cfg.vl_start + ["vl"] * cfg.num_vl_layers
-        return self.norm(self.run_blocks(x, routes, self._bias("pair", text_len), key_mask, text_len))
+        return self.norm(self.run_blocks(x, routes, self._bias("pair", text_len), key_mask, text_len, keep=keep))

@@ -5,6 +5,8 @@
 
 `route` picks the expert: "imag", "text", "vl", or "pair" (text slice [:text_len] to the text
 expert, the image slice after it to the vision expert: a contiguous split, no gather).
+`queries=n` computes the block's output for the first n positions only (all positions still serve
+as keys and values): what a last layer needs when only CLS, or only the text, is read out.
 """
 from __future__ import annotations
 
@@ -52,11 +54,17 @@ class MoMEBlock(nn.Module):
         return x if gamma is None else gamma * x
 
     def _ffn(self, x: torch.Tensor, route: str, text_len: int) -> torch.Tensor:
+        if route == "pair" and text_len >= x.shape[1]:
+            return self.experts["text"](x)
         if route == "pair":
-            return torch.cat([self.experts["text"](x[:, :text_len]), self.experts["imag"](x[:, text_len:])], 1)
+            text, image = x.split([text_len, x.shape[1] - text_len], dim=1)  # one cat in backward
+            return torch.cat([self.experts["text"](text), self.experts["imag"](image)], 1)
         return self.experts[route](x)
 
     def forward(self, x: torch.Tensor, route: str, bias: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, text_len: int = 0) -> torch.Tensor:
-        x = x + self.drop_path(self._scale(self.gamma_1, self.attn(self.norm1(x), bias, key_mask)))
+                key_mask: torch.Tensor | None = None, text_len: int = 0, queries: int | None = None) -> torch.Tensor:
+        attended = self.attn(self.norm1(x), bias, key_mask, queries)
+        if queries is not None:
+            x = x[:, :queries]
+        x = x + self.drop_path(self._scale(self.gamma_1, attended))
         return x + self.drop_path(self._scale(self.gamma_2, self._ffn(x, route, text_len)))

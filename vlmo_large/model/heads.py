@@ -29,7 +29,7 @@ class ContrastiveHeads(nn.Module):
         super().__init__()
         self.image_proj = nn.Linear(dim, dim, bias=False)
         self.text_proj = nn.Linear(dim, dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-d: DeepSpeed clips and broadcasts it
 
     def embed_image(self, image_cls: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(image_cls), dim=-1)

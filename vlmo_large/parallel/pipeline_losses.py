@@ -34,7 +34,7 @@ def vl_terms(head, outputs, labels, weights: LossWeights, group) -> dict:
     itm = F.cross_entropy(itm_logits, itm_labels)
     return {"loss": weights.itc * itc + weights.itm * itm + weights.mlm * mlm, "itc": itc, "itc_vl": itc_vl,
             "itm": itm, "mlm": mlm, "itm_acc": (itm_logits.argmax(-1) == itm_labels).float().mean(),
-            "logit_scale": head.itc.logit_scale.detach().exp()}
+            "logit_scale": head.itc.logit_scale.detach().exp().reshape(())}
 
 
 def mim_terms(head, patches, labels) -> dict:

@@ -39,7 +39,6 @@ def prepare_deepspeed(rank: int) -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *args, **kwargs: None
     else:
         _plain_cuda_arch_list()
-    _broadcast_0dim_parameters()
     _prepared = True
 
 
@@ -49,36 +48,6 @@ def _plain_cuda_arch_list() -> None:
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", arch)
-
-
-def _broadcast_0dim_parameters() -> None:
-    """DeepSpeed 0.19.8 broadcasts parameters as `p.data.view(torch.uint8)`, which raises for 0-dim
-    tensors (the ITC `logit_scale`s). The two broadcasts that initialisation runs are replaced by
-    the same broadcasts of a 1-d view of the same storage."""
-    from deepspeed import comm as ds_dist
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.zero.partition_parameters import Init
-    from deepspeed.utils import groups
-
-    def as_bytes(p: torch.Tensor) -> torch.Tensor:
-        return p.data.reshape(-1).view(torch.uint8)
-
-    def broadcast_model(self):
-        if self.dist_backend is None:
-            return
-        for p in self.module.parameters():
-            if getattr(p, "ds_status", None) is None or p.ds_status.name == "AVAILABLE":
-                ds_dist.broadcast(as_bytes(p), groups._get_broadcast_src_rank(), group=self.seq_data_parallel_group)
-
-    def zero_init_param(self, param):
-        self._convert_to_deepspeed_param(param)
-        group = self.get_partition_dp_group(param)
-        src = 0 if ds_dist.get_world_group() == group else ds_dist.get_global_rank(group, 0)
-        ds_dist.broadcast(as_bytes(param), src, group)
-        param.partition()
-
-    DeepSpeedEngine._broadcast_model = broadcast_model
-    Init._zero_init_param = zero_init_param
 
 
 def build_engine(objective: torch.nn.Module, resolved: ResolvedRun, cfg: RunConfig):

@@ -139,8 +139,8 @@ def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=No
     """Stage 3: ITC (final and VL-branch CLS), ITM with global hard negatives, MLM on the fused
     encoder. The MLM pairs and the 3B ITM pairs go through the fused encoder as one batch."""
     bb = model.backbone
-    image, image_vl = bb.encode_image(batch["image"], vl_branch=True)
-    text, text_vl = bb.encode_text(batch["text_ids"], batch["text_mask"], vl_branch=True)
+    image, image_vl = bb.encode_image(batch["image"], vl_branch=True, keep=1)  # ITC reads CLS only
+    text, text_vl = bb.encode_text(batch["text_ids"], batch["text_mask"], vl_branch=True, keep=1)
     itc_main, i2t, t2i = contrastive_loss(*model.itc(image[:, 0], text[:, 0]), model.itc.logit_scale, group)
     itc_vl, _, _ = contrastive_loss(*model.itc_vl(image_vl[:, 0], text_vl[:, 0]), model.itc_vl.logit_scale, group)
     itc = (itc_main + itc_vl) / 2
@@ -149,14 +149,14 @@ def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=No
     B, T = batch["text_ids"].shape
     fused = bb.encode_pair(torch.cat([batch["mlm_ids"], pairs["text_ids"]]),
                            torch.cat([batch["text_mask"], pairs["text_mask"]]),
-                           torch.cat([batch["image"], pairs["image"]]))
-    mlm = mlm_loss(model.mlm_head, fused[:B, :T], batch["mlm_labels"])
+                           torch.cat([batch["image"], pairs["image"]]), keep=T)  # MLM and ITM read text
+    mlm = mlm_loss(model.mlm_head, fused[:B], batch["mlm_labels"])
     itm_logits = model.itm_head(model.pooler(fused[B:])).float()
     itm = F.cross_entropy(itm_logits, pairs["labels"])
     itm_acc = (itm_logits.argmax(-1) == pairs["labels"]).float().mean()
     total = weights.itc * itc + weights.itm * itm + weights.mlm * mlm
     return {"loss": total, "itc": itc, "itc_vl": itc_vl, "itm": itm, "mlm": mlm, "itm_acc": itm_acc,
-            "logit_scale": model.itc.logit_scale.detach().exp()}
+            "logit_scale": model.itc.logit_scale.detach().exp().reshape(())}
 
 
 
