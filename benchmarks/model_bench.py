@@ -29,7 +29,9 @@ def parse_args():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa")
+    p.add_argument("--attention", choices=["auto", "sdpa", "explicit"], default="auto")
+    p.add_argument("--host-memory", choices=("retain", "default"), default="retain",
+                   help="retain: keep freed host memory (both models), as launchers/pretrain.py does on a CPU")
     return p.parse_args()
 
 
@@ -59,6 +61,9 @@ def timm_beit(cfg):
 def main():
     args = parse_args()
     device = torch.device(args.device)
+    if args.host_memory == "retain" and device.type == "cpu":
+        from vlmo_large.cpu_memory import retain_freed_memory
+        retain_freed_memory()
     torch.manual_seed(0)
     model = build_model(args.preset, drop_path_rate=0.0, attention=args.attention).to(device)
     cfg = model.cfg

@@ -1,9 +1,11 @@
 """Time the full stage-3 training step (every pass, backward, optimizer) on this device.
 
-    python benchmarks/step_bench.py --preset base --batch 4 [--steps 3 --warmup 1 --dtype fp32]
+    python benchmarks/step_bench.py --preset base --batch 4 [--steps 3 --warmup 1 --dtype fp32 --zero 0]
 
-Runs the real path: PretrainingObjective("vl") inside a DeepSpeed engine (ZeRO-1, one process,
-AdamW groups, clipping) on random batches with the pipeline's shapes and 15% MLM masking.
+Runs the real path: PretrainingObjective("vl") inside a DeepSpeed engine (one process, ZeRO stage
+--zero, AdamW groups, clipping) on random batches with the pipeline's shapes and 15% MLM masking.
+On a CPU the process keeps freed host memory as the launcher does (--host-memory default shows
+the cost of glibc's defaults).
 Prints samples/s, TFLOP/s and, on a GPU, MFU against the card's dense peak.
 
 FLOPs per sample (counted per pass; activation recompute not counted):
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -57,7 +60,7 @@ def flops_per_sample(cfg, mlm_prob: float = 0.15) -> float:
     return float(total)
 
 
-def build(preset: str, batch: int, dtype: str, zero: int = 1):
+def build(preset: str, batch: int, dtype: str, zero: int = 1, attention: str = "auto"):
     import torch
 
     from vlmo_large.parallel import state
@@ -67,8 +70,8 @@ def build(preset: str, batch: int, dtype: str, zero: int = 1):
     from vlmo_large.training.validation import resolve_run
 
     cfg = build_dataclass(RunConfig, {"preset": preset, "stage": "vl", "data": {"source": "random"},
-                                      "batch": {"micro": batch}, "schedule": {"steps": 10 ** 6, "warmup": 10},
-                                      **({"optim": {"grad_clip": 0.0}} if os.environ.get("NOCLIP") else {})})
+                                      "model": {"attention": attention},
+                                      "batch": {"micro": batch}, "schedule": {"steps": 10 ** 6, "warmup": 10}})
     ds = {"zero_optimization": {"stage": zero}, "bf16": {"enabled": dtype == "bf16"}}
     resolved = resolve_run(cfg, ds, 1)
     state.ensure_initialized(1, 1)
@@ -87,14 +90,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
+                        help="ZeRO stage of the one-process engine (0: nothing to partition)")
+    parser.add_argument("--attention", choices=("auto", "sdpa", "explicit"), default="auto")
+    parser.add_argument("--host-memory", choices=("retain", "default"), default="retain",
+                        help="retain: keep freed host memory, as launchers/pretrain.py does on a CPU")
     args = parser.parse_args()
+    if args.host_memory == "retain":
+        from vlmo_large.cpu_memory import retain_freed_memory_on_cpu
+        retain_freed_memory_on_cpu()
 
     import torch
 
     from vlmo_large.training.random_batches import random_batch
     from vlmo_large.training.trainer import to_device
 
-    engine, cfg = build(args.preset, args.batch, args.dtype)
+    engine, cfg = build(args.preset, args.batch, args.dtype, args.zero, args.attention)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     batches = [to_device(random_batch("image_text", cfg, args.batch, torch.Generator().manual_seed(i)),
                          engine.device, dtype) for i in range(args.warmup + args.steps)]
@@ -109,18 +120,20 @@ def main() -> None:
         step(i)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    times = []
     for i in range(args.warmup, args.warmup + args.steps):
-        step(i)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
+        start = time.perf_counter()
+        step(i)  # .item() inside: the step has finished on any device
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)  # shared CPUs swing +-15% from second to second
     samples_per_s = args.batch / seconds
     tflops = flops_per_sample(cfg) * samples_per_s / 1e12
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    line = (f"step_bench preset={args.preset} batch={args.batch} dtype={args.dtype} device={device}: "
+    line = (f"step_bench preset={args.preset} batch={args.batch} dtype={args.dtype} zero={args.zero} attention={args.attention} "
+            f"host-memory={args.host_memory} device={device}: "
             f"{seconds:.3f} s/step, {samples_per_s:.3f} samples/s, {tflops:.3f} TFLOP/s "
-            f"({flops_per_sample(cfg) / 1e9:.1f} GFLOP/sample)")
+            f"({flops_per_sample(cfg) / 1e9:.1f} GFLOP/sample); median of {args.steps} steps, "
+            f"fastest {min(times):.3f} s, slowest {max(times):.3f} s")
     peak = next((v[args.dtype] for k, v in PEAK_TFLOPS.items() if k in device), None)
     if peak:
         line += f", MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s"

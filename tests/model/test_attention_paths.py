@@ -59,3 +59,16 @@ def test_relative_bias_changes_attention(tiny_model):
         tiny_model.backbone.rel_pos.table[:, :cfg.num_heads].add_(1.0 * torch.randn_like(
             tiny_model.backbone.rel_pos.table[:, :cfg.num_heads]))
     assert not torch.allclose(before, tiny_model.backbone.encode_image(images), atol=1e-4)
+
+
+def test_auto_takes_sdpa_unless_a_cpu_bias_needs_gradients(tiny_model):
+    """auto: torch has no fused CPU kernel for a bias that needs a gradient (SDPA would fall back to
+    its math path), so training on a CPU runs the explicit math; inference keeps SDPA."""
+    attn = tiny_model.backbone.blocks[0].attn
+    assert attn.backend == "auto"
+    q = torch.zeros(1, attn.local_heads, 3, attn.head_dim)
+    learned = torch.zeros(attn.local_heads, 3, 3, requires_grad=True)
+    assert not attn._use_sdpa(q, learned)
+    assert attn._use_sdpa(q, learned.detach()) and attn._use_sdpa(q, None)
+    with torch.no_grad():
+        assert attn._use_sdpa(q, learned)
