@@ -1,9 +1,9 @@
 """The built-in demo: synthetic data -> tiny VLMo stage-3 pretraining on the CPU -> held-out retrieval.
 
-    python launchers/demo.py [--out runs/demo] [--steps 400] [--chain]
+    python launchers/demo.py [--out runs/demo] [--steps 1000] [--chain]
 
 1. generates the synthetic scenes dataset (tools/make_synthetic.py; reused when present),
-2. pretrains the `tiny` preset with ITC + ITM + MLM through DeepSpeed (ds_configs/cpu_fp32.json)
+2. pretrains the `tiny` preset with ITC + ITM + MLM through DeepSpeed (ds_configs/cpu_fp32_zero0.json)
    and logs to MLflow in <out>/mlflow.db (`--chain` first runs stages 1 and 2 and starts each
    stage from the previous one's weights),
 3. reloads the exported plain checkpoint and prints held-out zero-shot retrieval R@1 next to chance.
@@ -28,7 +28,7 @@ STAGES = {"mim": ("image", 150), "text_mlm": ("text", 150), "vl": ("image_text",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(REPO, "runs", "demo"))
-    p.add_argument("--steps", type=int, default=400, help="stage-3 optimizer steps")
+    p.add_argument("--steps", type=int, default=1000, help="stage-3 optimizer steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--chain", action="store_true", help="run stages 1 -> 2 -> 3")
@@ -64,7 +64,7 @@ def run_stage(args, manifest: dict, stage: str, steps: int, init: str | None) ->
     cfg_path = os.path.join(args.out, f"{stage}.json")
     with open(cfg_path, "w") as f:
         json.dump(stage_config(args, manifest, stage, steps, init), f, indent=1)
-    status = pretrain.main(["--ds_config", os.path.join(REPO, "ds_configs", "cpu_fp32.json"), "--config", cfg_path])
+    status = pretrain.main(["--ds_config", os.path.join(REPO, "ds_configs", "cpu_fp32_zero0.json"), "--config", cfg_path])
     if status:
         raise SystemExit(status)
     return os.path.join(args.out, stage, "export")
