@@ -67,10 +67,11 @@ class SelfAttention(nn.Module):
         return not (q.device.type == "cpu" and learned_bias)
 
     def _explicit(self, q, k, v, bias, key_mask):
-        logits = (q * self.scale).float() @ k.float().transpose(-2, -1)
+        logits = ((q * self.scale).float() @ k.float().transpose(-2, -1)).float()  # fp32 under autocast too
+        # in place on the fresh logits: no [B, H, L, L] copies (matmul's backward keeps its inputs only)
         if bias is not None:
-            logits = logits + bias.unsqueeze(0).float()
+            logits += bias.unsqueeze(0).float()
         if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+            logits.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
         probs = F.dropout(logits.softmax(dim=-1).type_as(v), self.attn_drop, self.training)
         return probs @ v

@@ -67,6 +67,10 @@ def build_engine(objective: torch.nn.Module, resolved: ResolvedRun, cfg: RunConf
     engine, *_ = deepspeed.initialize(model=objective, model_parameters=groups, config=ds_config,
                                       lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)),
                                       mpu=mpu)  # a plain function: LambdaLR keeps it out of checkpoints
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # one data-parallel rank: DeepSpeed's bucketed all-reduce would only flatten every gradient
+        # and copy it back (~0.5 s of a 12 s base step on a CPU)
+        engine.enable_backward_allreduce = False
     return engine
 
 
