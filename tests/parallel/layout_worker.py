@@ -105,6 +105,8 @@ def main(weights_path: str, out_dir: str, tp: int, zero: int) -> None:
     objective = PretrainingObjective(model, "vl", group=state.dp_group(), seed=SEED)
     engine = build_engine(objective, resolved, cfg)
     assert engine.zero_optimization_stage() == zero
+    if zero == 0 and dp == 1:  # nothing to average: the step below runs without DeepSpeed's all-reduce
+        assert not engine.enable_backward_allreduce
 
     drawn = record_negatives()
     out = engine(local_batch(global_batch(model.cfg), state.dp_rank(), dp), 0)

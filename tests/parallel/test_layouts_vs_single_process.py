@@ -19,7 +19,8 @@ from vlmo_large.training import objectives
 from vlmo_large.training.freezing import apply_stage_freezing
 from vlmo_large.training.optimization import param_groups
 
-LAYOUTS = {"tp2_zero1": (2, 1, 2), "dp2_zero3": (1, 3, 2), "tp2_dp2_zero3": (2, 3, 4)}  # tp, zero, processes
+# tp, zero, processes; "one_zero0" is the one-process CPU config (DeepSpeed's gradient all-reduce off)
+LAYOUTS = {"tp2_zero1": (2, 1, 2), "dp2_zero3": (1, 3, 2), "tp2_dp2_zero3": (2, 3, 4), "one_zero0": (1, 0, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def weights(tiny_weights):
 
 
 @pytest.fixture(scope="module", params=[
-    "tp2_zero1", "dp2_zero3", pytest.param("tp2_dp2_zero3", marks=pytest.mark.slow)])
+    "tp2_zero1", "dp2_zero3", "one_zero0", pytest.param("tp2_dp2_zero3", marks=pytest.mark.slow)])
 def layout_run(request, weights, tmp_path_factory):
     tp, zero, nproc = LAYOUTS[request.param]
     out = tmp_path_factory.mktemp(request.param)
