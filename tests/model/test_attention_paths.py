@@ -72,3 +72,16 @@ def test_auto_takes_sdpa_unless_a_cpu_bias_needs_gradients(tiny_model):
     assert attn._use_sdpa(q, learned.detach()) and attn._use_sdpa(q, None)
     with torch.no_grad():
         assert attn._use_sdpa(q, learned)
+
+
+def test_unpadded_batch_skips_the_mask_with_the_same_result(tiny_model):
+    """A batch without padding runs without a key mask; its rows equal the same rows computed in a
+    batch that has padding (and so a mask)."""
+    cfg = tiny_model.cfg
+    ids, mask = text_batch(cfg, 2, lengths=[cfg.max_text_len, 7])
+    images = image_batch(cfg, 2)
+    bb = tiny_model.eval().backbone
+    alone = [bb.encode_text(ids[:1], mask[:1]), bb.encode_pair(ids[:1], mask[:1], images[:1])]
+    batched = [bb.encode_text(ids, mask)[:1], bb.encode_pair(ids, mask, images)[:1]]
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -107,7 +107,7 @@ class MoMEBackbone(nn.Module):
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, vl_branch: bool = False, keep: Optional[int] = None):
         x = self.embed_text(ids)
-        return self._single_modality(x, "text", "text", mask.bool(), ids.shape[1], vl_branch, keep)
+        return self._single_modality(x, "text", "text", _padding_mask(mask), ids.shape[1], vl_branch, keep)
 
     def encode_pair(self, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor,
                     modality_row: int = IMAGE_ROW, keep: Optional[int] = None) -> torch.Tensor:
@@ -115,7 +115,16 @@ class MoMEBackbone(nn.Module):
         text = self.embed_text(ids)
         image = self.embed_image(images, modality_row)
         x = torch.cat([text, image], 1)
-        key_mask = torch.cat([mask.bool(), torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], 1)
+        key_mask = _padding_mask(mask)
+        if key_mask is not None:  # image positions are never padded
+            key_mask = torch.cat([key_mask, torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], 1)
         cfg, text_len = self.cfg, ids.shape[1]
         routes = ["pair"] * cfg.vl_start + ["vl"] * cfg.num_vl_layers
         return self.norm(self.run_blocks(x, routes, self._bias("pair", text_len), key_mask, text_len, keep=keep))
+
+
+def _padding_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The key mask attention needs, or None when no position is padded: unpadded batches skip a
+    [B, heads, L, L] masking pass in every layer (one host sync per pass on a GPU)."""
+    mask = mask.bool()
+    return None if bool(mask.all()) else mask
