@@ -16,6 +16,9 @@ def _loss_and_grads(every: int):
     bb = model.backbone
     image, image_vl = bb.encode_image(images, vl_branch=True)
     loss = image.pow(2).mean() + image_vl.pow(2).mean() + bb.encode_pair(ids, mask, images).pow(2).mean()
+    # the partial last layer (keep=n) under checkpointing too
+    cls, cls_vl = bb.encode_image(images, vl_branch=True, keep=1)
+    loss = loss + cls.pow(2).mean() + cls_vl.pow(2).mean() + bb.encode_pair(ids, mask, images, keep=32).pow(2).mean()
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
