@@ -60,7 +60,7 @@ def flops_per_sample(cfg, mlm_prob: float = 0.15) -> float:
     return float(total)
 
 
-def build(preset: str, batch: int, dtype: str, zero: int = 1, attention: str = "auto"):
+def build(preset: str, batch: int, dtype: str, zero: int = 0, attention: str = "auto"):
     import torch
 
     from vlmo_large.parallel import state

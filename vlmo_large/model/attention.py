@@ -28,7 +28,7 @@ def additive_mask(bias: torch.Tensor | None, key_mask: torch.Tensor | None, dtyp
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, backend: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
         tp = state.tp_size()
         self.local_heads = num_heads // tp
