@@ -54,3 +54,25 @@ def test_resample_keeps_special_and_text_rows_and_maps_centre():
     centre_new = (g_new - 1) * (2 * g_new - 1) + (g_new - 1)
     torch.testing.assert_close(out[centre_new], table[centre_old], rtol=1e-4, atol=1e-4)
     assert torch.equal(resample_table(table, g_old, g_old), table)
+
+
+def test_module_bias_and_gradient_equal_plain_table_indexing():
+    """The per-layer column gather == table[index] (layer-major columns), values and table gradient."""
+    from vlmo_large.model.relative_position import RelativePositionBias
+    g, span, depth, heads, T = 3, 8, 3, 2, 5
+    module = RelativePositionBias(g, span, depth, heads)
+    with torch.no_grad():
+        module.table.normal_()
+    table = module.table.detach().clone().requires_grad_()
+    for mode, index in (("image", image_relative_index(g)), ("text", text_relative_index(T, g, span)),
+                        ("pair", pair_relative_index(T, g, span))):
+        module.table.grad, table.grad = None, None
+        biases = module(mode, T)
+        n = index.shape[0]
+        expected = table[index].view(n, n, depth, heads).permute(2, 3, 0, 1)  # [layer, head, L, L]
+        assert len(biases) == depth and all(b.is_contiguous() for b in biases)
+        assert torch.equal(torch.stack(biases), expected.detach())
+        weights = torch.randn(depth, heads, n, n, dtype=torch.float64)
+        sum((b.double() * w).sum() for b, w in zip(biases, weights)).backward()
+        (expected.double() * weights).sum().backward()
+        torch.testing.assert_close(module.table.grad, table.grad, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,6 @@ Under tensor parallelism each rank holds the columns of its own heads in every l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import resize_rel_pos_bias_table
 from torch import nn
 
@@ -91,12 +90,14 @@ class RelativePositionBias(nn.Module):
     def forward(self, mode: str, text_len: int = 0) -> tuple[torch.Tensor, ...]:
         """One contiguous bias [local_heads, L, L] per layer, for mode image / text / pair.
 
-        unbind (not indexing) splits the layers so that backward stacks the per-layer gradients
-        instead of zero-filling a full-size gradient for every layer. The gather is an embedding
-        lookup: its backward accumulates rows in parallel, where indexing's runs serially on a CPU
-        (fused pair, base: 10 ms against 40 ms).
+        Each layer's bias is gathered from its own columns of the transposed table: the result is
+        laid out [heads, L, L] as gathered, and each layer's gradient is scattered straight back
+        into the table. A row gather of all layers at once needs a transposing copy of the full
+        bias each way and a stack of the layers' gradients (~25 ms per fused base pass on a CPU).
         """
         index = self._index(mode, text_len, self.table.device)
-        n = index.shape[0]
-        bias = F.embedding(index.view(-1), self.table).view(n, n, self.depth, self.local_heads)
-        return bias.permute(2, 3, 0, 1).contiguous().unbind(0)
+        n, heads = index.shape[0], self.local_heads
+        index = index.view(1, -1).expand(heads, -1)
+        columns = self.table.t()
+        return tuple(torch.gather(columns[layer * heads:(layer + 1) * heads], 1, index).view(heads, n, n)
+                     for layer in range(self.depth))
