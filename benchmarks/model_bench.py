@@ -3,13 +3,19 @@
     python benchmarks/model_bench.py --preset base --batch 4 [--device cuda --dtype bf16]
 
 Prints samples/s for the vision-only path (the same attention + FFN over 1 + N tokens as timm's
-BEiT), the text-only and fused paths, and ratios measured side by side in this one process. The
-two models are timed in alternation so machine noise hits both alike.
+BEiT), the text-only and fused paths, and ratios measured side by side in this one process.
+
+Every round times each path once, in an order that reverses from round to round, and each ratio is
+taken within a round; the report gives the median over rounds with its quartiles, next to the
+ratio of the best times. On a machine whose speed comes and goes in bursts (shared CPUs), the
+best-of ratio is biased against the longer pass, which is less likely to fit in a quiet spell;
+the within-round median is not.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -28,10 +34,12 @@ def parse_args():
     p.add_argument("--text-len", type=int, default=40)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--attention", choices=["auto", "sdpa", "explicit"], default="auto")
     p.add_argument("--host-memory", choices=("retain", "default"), default="retain",
                    help="retain: keep freed host memory (both models), as launchers/pretrain.py does on a CPU")
+    p.add_argument("--decompose", action="store_true",
+                   help="also time the fused sequence with its fused-only work taken away step by step")
     return p.parse_args()
 
 
@@ -58,6 +66,25 @@ def timm_beit(cfg):
                              use_abs_pos_emb=cfg.use_abs_pos_emb, drop_path_rate=0.0)
 
 
+FUSED_VARIANTS = ("  one expert", "  + no text embedding")
+
+
+def fused_variants(bb, ids, images) -> dict:
+    """The fused sequence minus its fused-only work, cumulatively: first every position through the
+    vision expert (no second expert per layer), then fixed text states instead of the text
+    embedding (no vocabulary gradient). What is left next to image-only is attention over the
+    longer sequence. Timing aids only: these are not the model's computations."""
+    text_len, depth = ids.shape[1], bb.cfg.depth
+    fixed_text = bb.embed_text(ids).detach()
+
+    def one_expert(text_states):
+        x = torch.cat([text_states(), bb.embed_image(images)], 1)
+        return bb.norm(bb.run_blocks(x, ["imag"] * depth, bb._bias("pair", text_len), None, text_len))
+
+    return {FUSED_VARIANTS[0]: lambda: one_expert(lambda: bb.embed_text(ids)),
+            FUSED_VARIANTS[1]: lambda: one_expert(lambda: fixed_text)}
+
+
 def main():
     args = parse_args()
     device = torch.device(args.device)
@@ -81,25 +108,47 @@ def main():
     }
     tokens = {"vlmo image-only": cfg.num_patches + 1, "timm BEiT": cfg.num_patches + 1,
               "vlmo text-only": T, "vlmo fused pair": T + cfg.num_patches + 1}
+    if args.decompose:
+        runs.update(fused_variants(bb, ids, images))
+        tokens.update({name: tokens["vlmo fused pair"] for name in FUSED_VARIANTS})
     for fn in runs.values():  # warm-up
         step_time(fn, device, args.dtype)
-    best = {name: float("inf") for name in runs}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
+    times = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name in (list(runs) if r % 2 == 0 else reversed(runs)):
             model.zero_grad(set_to_none=True)
             beit.zero_grad(set_to_none=True)
-            best[name] = min(best[name], step_time(fn, device, args.dtype))
+            times[name].append(step_time(runs[name], device, args.dtype))
     print(f"preset={args.preset} batch={B} device={device} dtype={args.dtype} attention={args.attention} "
-          f"threads={torch.get_num_threads()}")
-    print(f"{'path':<18}{'tokens':>8}{'step s':>10}{'samples/s':>12}{'tokens/s':>12}")
+          f"threads={torch.get_num_threads()} rounds={args.rounds}")
+    print(f"{'path':<24}{'tokens':>8}{'best s':>10}{'median s':>10}{'samples/s':>11}{'tokens/s':>10}")
     for name in runs:
-        sps = B / best[name]
-        print(f"{name:<18}{tokens[name]:>8}{best[name]:>10.4f}{sps:>12.2f}{sps * tokens[name]:>12.0f}")
-    ratio = best["timm BEiT"] / best["vlmo image-only"]
-    per_token_fused = (best["vlmo fused pair"] / tokens["vlmo fused pair"]) / (
-        best["vlmo image-only"] / tokens["vlmo image-only"])
-    print(f"ratio vlmo image-only / timm BEiT samples/s: {ratio:.3f} (target >= 1.0)")
-    print(f"fused per-token time / image-only per-token time: {per_token_fused:.3f} (target <= 1.0)")
+        fastest, median = min(times[name]), statistics.median(times[name])
+        print(f"{name:<24}{tokens[name]:>8}{fastest:>10.4f}{median:>10.4f}{B / fastest:>11.2f}"
+              f"{B / fastest * tokens[name]:>10.0f}")
+
+    def per_token(t, name):
+        return t[name] / tokens[name]
+
+    ratios = [  # each maps {path: step time} to one ratio
+        ("vlmo image-only vs timm BEiT, samples/s", ">= 1.0",
+         lambda t: t["timm BEiT"] / t["vlmo image-only"]),
+        ("fused pair vs timm BEiT, time per token", "<= 1.0",
+         lambda t: per_token(t, "vlmo fused pair") / per_token(t, "timm BEiT")),
+        ("fused pair vs vlmo image-only, time per token", "",
+         lambda t: per_token(t, "vlmo fused pair") / per_token(t, "vlmo image-only")),
+    ]
+    ratios += [(f"{name} vs vlmo image-only, per token", "",
+                lambda t, name=name: per_token(t, name) / per_token(t, "vlmo image-only"))
+               for name in FUSED_VARIANTS if name in runs]
+    rounds = [{name: times[name][r] for name in runs} for r in range(args.rounds)]
+    best = {name: min(times[name]) for name in runs}
+    print(f"{'ratio':<56}{'median':>8}{'quartiles':>15}{'of best':>9}  target")
+    for label, target, ratio in ratios:
+        values = [ratio(t) for t in rounds]
+        low, _, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        print(f"{label:<56}{statistics.median(values):>8.3f}{f'{low:.3f}-{high:.3f}':>15}"
+              f"{ratio(best):>9.3f}  {target}")
 
 
 if __name__ == "__main__":
