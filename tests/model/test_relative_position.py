@@ -1,4 +1,5 @@
 """The merged relative-position index follows the reference layout slot by slot."""
+import pytest
 import torch
 
 from vlmo_large.model.relative_position import (image_relative_index, pair_relative_index, resample_table,
@@ -56,8 +57,9 @@ def test_resample_keeps_special_and_text_rows_and_maps_centre():
     assert torch.equal(resample_table(table, g_old, g_old), table)
 
 
-def test_module_bias_and_gradient_equal_plain_table_indexing():
-    """The per-layer column gather == table[index] (layer-major columns), values and table gradient."""
+@pytest.mark.parametrize("gather", ["_gather_columns", "_gather_rows"])  # the CPU's and the GPU's
+def test_module_bias_and_gradient_equal_plain_table_indexing(gather):
+    """Both gathers == table[index] (layer-major columns), values and table gradient."""
     from vlmo_large.model.relative_position import RelativePositionBias
     g, span, depth, heads, T = 3, 8, 3, 2, 5
     module = RelativePositionBias(g, span, depth, heads)
@@ -67,7 +69,7 @@ def test_module_bias_and_gradient_equal_plain_table_indexing():
     for mode, index in (("image", image_relative_index(g)), ("text", text_relative_index(T, g, span)),
                         ("pair", pair_relative_index(T, g, span))):
         module.table.grad, table.grad = None, None
-        biases = module(mode, T)
+        biases = getattr(module, gather)(module._index(mode, T, "cpu"))
         n = index.shape[0]
         expected = table[index].view(n, n, depth, heads).permute(2, 3, 0, 1)  # [layer, head, L, L]
         assert len(biases) == depth and all(b.is_contiguous() for b in biases)
