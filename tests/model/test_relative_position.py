@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from vlmo_large.model.relative_position import (image_relative_index, pair_relative_index, resample_table,
-                                                table_rows, text_relative_index)
+from vlmo_large.model.relative_position import (RelativePositionBias, image_relative_index, pair_relative_index,
+                                                resample_table, table_rows, text_relative_index)
 
 
 def test_base_table_rows_match_reference():
@@ -60,7 +60,6 @@ def test_resample_keeps_special_and_text_rows_and_maps_centre():
 @pytest.mark.parametrize("gather", ["_gather_columns", "_gather_rows"])  # the CPU's and the GPU's
 def test_module_bias_and_gradient_equal_plain_table_indexing(gather):
     """Both gathers == table[index] (layer-major columns), values and table gradient."""
-    from vlmo_large.model.relative_position import RelativePositionBias
     g, span, depth, heads, T = 3, 8, 3, 2, 5
     module = RelativePositionBias(g, span, depth, heads)
     with torch.no_grad():
