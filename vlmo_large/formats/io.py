@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlmo_large.errors import UserError
+
 WRAPPERS = ("state_dict", "module", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used; the message names the file (and tensor)."""
 
 

@@ -17,12 +17,14 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from vlmo_large.errors import UserError
+
 
 STAGES = ("mim", "text_mlm", "vl")
 DATA_KIND = {"mim": "image", "text_mlm": "text", "vl": "image_text"}  # the data loader kind of each stage
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run; the message is one line naming the key or file."""
 
 
