@@ -16,7 +16,7 @@ fi
 source "$VENV/bin/activate"
 
 # Keep an existing torch (a cluster's CUDA build); otherwise take the build this machine kind
-# provides locally (torch 2.14.1 + torchvision 0.29.1, see shared/STACK_NOTES.md).
+# provides locally (torch 2.14.1 + torchvision 0.29.1, see docs/CPU_STACK.md).
 if ! python -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[env] installing torch"
   pip install -q "torch==${VLMO_TORCH_VERSION:-2.14.1}" "torchvision==${VLMO_TORCHVISION_VERSION:-0.29.1}"

@@ -1,7 +1,7 @@
 """Model configuration and named presets.
 
 A preset is a function returning a `ModelConfig`, so sizes are code that can be read and diffed.
-Sizes of base / base_plus / large follow ../shared/VLMO_SPEC.md section 3 exactly.
+Sizes of base / base_plus / large follow docs/MODEL.md (Presets) exactly.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ _prepared = False
 
 def prepare_deepspeed(rank: int) -> None:
     """Quiet DeepSpeed on every rank but 0, and on a CPU-only machine skip its shared-memory op
-    (a ~50 s JIT build that only serves inference all-reduce; STACK_NOTES.md)."""
+    (a ~50 s JIT build that only serves inference all-reduce; docs/CPU_STACK.md)."""
     global _prepared
     from deepspeed.utils import logger
 
