@@ -1,6 +1,6 @@
 """Convert checkpoints between DeepSpeed layouts, plain safetensors, and the reference / BEiT formats.
 
-    to-plain CKPT_DIR OUT [--format vlmo_large|reference] [--dtype fp32|bf16] [--max-shard-size 5GB]
+    to-plain CKPT_DIR OUT [--format vlmo_large|reference|reference-pt] [--dtype fp32|bf16] [--max-shard-size 5GB]
     from-plain PLAIN OUT --tp N [--pp N]
     import-reference FILE OUT --preset NAME [--resize-vocab]
     import-beit FILE OUT --preset NAME
@@ -37,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = sub.add_parser("to-plain", help="DeepSpeed checkpoint -> plain safetensors + config.json")
     p.add_argument("ckpt"), p.add_argument("out")
-    p.add_argument("--format", choices=("vlmo_large", "reference"), default="vlmo_large")
+    p.add_argument("--format", choices=("vlmo_large", "reference", "reference-pt"), default="vlmo_large",
+                   help="reference: the reference's tensor names; reference-pt: the same as one model.pt "
+                        "({'state_dict': ...}) that the reference's torch 1.8 loads")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--tag", default=None)
@@ -76,7 +78,8 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "to-plain":
         files = ck.to_plain(args.ckpt, args.out, args.preset, args.config, args.format, dtype_of(args.dtype),
                             parse_size(args.max_shard_size), args.tag)
-        print(f"wrote {len(files)} safetensors file(s) + config.json to {args.out}")
+        print(f"wrote {', '.join(files) if args.format == 'reference-pt' else f'{len(files)} safetensors file(s)'}"
+              f" + config.json to {args.out}")
     elif args.command == "from-plain":
         cfg = resolve_config(args.preset, args.config) if args.preset or args.config else None
         files = ck.write_sharded(args.plain, args.out, args.tp, args.pp, cfg)

@@ -1,5 +1,7 @@
 """Bad inputs give one clear line naming the file and tensor; the CLI exits 2 without a traceback;
-nothing in a file is executed; vocabularies of another size are refused unless resized."""
+nothing in a file is executed; vocabularies of another size are refused unless resized; index
+entries cannot reach outside their folder."""
+import json
 import os
 import shutil
 import subprocess
@@ -115,3 +117,27 @@ def test_cli_exit_status_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: checkpoint folder not found: {tmp_path / 'nowhere'}"
+
+
+@pytest.mark.parametrize("form", ["absolute", "dotdot", "link"])
+def test_index_entries_leaving_the_folder_are_refused(tmp_path, form):
+    """A valid shard elsewhere on disk must not be loaded through a plain folder's index."""
+    from safetensors.torch import save_file
+
+    from vlmo_large.checkpoint.plain import INDEX_NAME
+    from vlmo_large.training.initialization import load_init_weights
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_file({"x": torch.ones(2)}, str(elsewhere / "shard.safetensors"))
+    folder = tmp_path / "deep" / "plain"
+    folder.mkdir(parents=True)
+    entry = {"absolute": str(elsewhere / "shard.safetensors"), "dotdot": "../../elsewhere/shard.safetensors",
+             "link": "linked.safetensors"}[form]
+    if form == "link":
+        os.symlink(elsewhere / "shard.safetensors", folder / "linked.safetensors")
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": {"x": entry}}))
+    with pytest.raises(CheckpointError, match=rf"{INDEX_NAME}: entry 'x' -> .*outside the checkpoint folder"):
+        PlainCheckpoint(str(folder))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        load_init_weights(build_model("tiny"), str(folder))

@@ -100,3 +100,39 @@ def test_save_reference_checkpoint_loads_back_exactly(tmp_path):
     for name, tensor in source.state_dict().items():
         if not name.startswith("mim_head."):
             assert torch.equal(tensor, target.state_dict()[name]), name
+
+
+def reference_state_dict_keys(depth: int, vl_start: int, abs_pos: bool = False) -> set[str]:
+    """The keys of the reference VLMo's state_dict(), written out from its modules (unilm vlmo:
+    vlmo_module.VLMo, multiway_transformer, heads; transformers 4.8.1 BertEmbeddings, whose
+    `position_ids` buffer is persistent; the relative-position indices are plain attributes)."""
+    keys = {"text_embeddings.word_embeddings.weight", "text_embeddings.position_embeddings.weight",
+            "text_embeddings.token_type_embeddings.weight", "text_embeddings.LayerNorm.weight",
+            "text_embeddings.LayerNorm.bias", "text_embeddings.position_ids", "token_type_embeddings.weight",
+            "transformer.cls_token", "transformer.patch_embed.proj.weight", "transformer.patch_embed.proj.bias",
+            "transformer.norm.weight", "transformer.norm.bias", "relative_position_bias_table",
+            "pooler.dense.weight", "pooler.dense.bias", "mlm_score.bias", "mlm_score.decoder.weight",
+            "mlm_score.transform.dense.weight", "mlm_score.transform.dense.bias",
+            "mlm_score.transform.LayerNorm.weight", "mlm_score.transform.LayerNorm.bias",
+            "itm_score.fc.weight", "itm_score.fc.bias", "itc_text_proj.fc.weight", "itc_image_proj.fc.weight",
+            "itc_vl_text_proj.fc.weight", "itc_vl_image_proj.fc.weight", "logit_scale", "logit_vl_scale"}
+    keys |= {"transformer.pos_embed"} if abs_pos else set()
+    for i in range(depth):
+        block = f"transformer.blocks.{i}."
+        keys |= {block + k for k in ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.q_bias", "attn.v_bias",
+                                     "attn.proj.weight", "attn.proj.bias", "gamma_1", "gamma_2")}
+        for expert in ("text", "imag") + (("vl",) if i >= vl_start else ()):
+            keys |= {f"{block}norm2_{expert}.{p}" for p in ("weight", "bias")}
+            keys |= {f"{block}mlp_{expert}.{fc}.{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias")}
+    return keys
+
+
+def test_reference_export_has_exactly_the_reference_keys(tmp_path):
+    """The reference loads with load_state_dict(strict=True): every key, position_ids included."""
+    model = _model()
+    save_reference_checkpoint(model, str(tmp_path / "vlmo.pt"))
+    state = torch.load(tmp_path / "vlmo.pt", weights_only=True)["state_dict"]
+    assert set(state) == reference_state_dict_keys(model.cfg.depth, model.cfg.vl_start)
+    ids = state["text_embeddings.position_ids"]
+    assert ids.dtype == torch.int64 and ids.tolist() == [list(range(model.cfg.max_text_len))]
+    assert state["text_embeddings.position_embeddings.weight"].shape[0] == ids.shape[1]

@@ -12,10 +12,11 @@ import torch
 from vlmo_large.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
 from vlmo_large.checkpoint.pipeline_reader import PipelineCheckpoint, open_checkpoint
 from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout, resolve_config, strip_prefix
-from vlmo_large.checkpoint.plain import CONFIG_NAME, write_plain, write_plain_dict
+from vlmo_large.checkpoint.plain import CONFIG_NAME, config_to_dict, write_plain, write_plain_dict
 from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
-from vlmo_large.formats.reference import REFERENCE_SCALARS, from_reference, to_reference
+from vlmo_large.formats.reference import (REFERENCE_SCALARS, from_reference, reference_buffers, save_reference_pt,
+                                          to_reference)
 from vlmo_large.parallel.sharding import unshard
 
 CONFIG_KEYS = ("model_config", "model_cfg", "config")
@@ -73,21 +74,37 @@ def full_tensor(ckpt: DeepSpeedCheckpoint, layout: dict, to_ds: dict, name: str,
     return shards[0] if info.place is None else unshard(shards, *info.place)
 
 
+REFERENCE_PT = "model.pt"  # to-plain --format reference-pt: the reference's torch file
+
+
 def to_plain(ckpt_path: str, out_dir: str, preset: str | None = None, config_path: str | None = None,
              naming: str = "vlmo_large", dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10 ** 9,
              tag: str | None = None) -> list[str]:
-    """DeepSpeed checkpoint -> plain safetensors folder (fp32 master weights unless `dtype`)."""
+    """DeepSpeed checkpoint -> plain safetensors folder (fp32 master weights unless `dtype`).
+
+    naming "reference" writes the reference's tensor names (and its `position_ids` buffer);
+    "reference-pt" the same as one torch file `model.pt` ({"state_dict": ...}) for its torch 1.8."""
     ckpt, cfg, layout, to_ds = open_deepspeed(ckpt_path, preset, config_path, tag)
-    names = to_reference({n: n for n in layout}) if naming == "reference" else {n: n for n in layout}
+    reference = naming in ("reference", "reference-pt")
+    names = to_reference({n: n for n in layout}) if reference else {n: n for n in layout}
+    buffers = reference_buffers(cfg) if reference else {}
     out_dtype = dtype or torch.float32
-    shapes = {out: torch.Size(()) if naming == "reference" and out in REFERENCE_SCALARS else layout[ours].shape
+    shapes = {out: torch.Size(()) if reference and out in REFERENCE_SCALARS else layout[ours].shape
               for out, ours in names.items()}
-    entries = [(out, shapes[out], out_dtype) for out in names]
+    entries = [(out, shapes[out], out_dtype) for out in names] + [(n, t.shape, t.dtype) for n, t in buffers.items()]
 
     def fetch(out_name: str) -> torch.Tensor:
+        if out_name in buffers:
+            return buffers[out_name]
         tensor = full_tensor(ckpt, layout, to_ds, names[out_name])
         return tensor.reshape(shapes[out_name]).to(out_dtype).contiguous()
 
+    if naming == "reference-pt":
+        os.makedirs(out_dir, exist_ok=True)
+        save_reference_pt({name: fetch(name) for name, _, _ in entries}, os.path.join(out_dir, REFERENCE_PT))
+        with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+            json.dump(config_to_dict(cfg, "reference"), f, indent=2)
+        return [REFERENCE_PT]
     return write_plain(out_dir, entries, fetch, cfg, naming, max_shard_bytes, desc="to-plain")
 
 
@@ -144,5 +161,5 @@ def import_beit(path: str, out_dir: str, cfg: ModelConfig, seed: int = 0, naming
 def _write_model(model, out_dir: str, cfg: ModelConfig, naming: str, max_shard_bytes: int) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if naming == "reference":
-        state = to_reference(state)
+        state = {**to_reference(state), **reference_buffers(cfg)}
     write_plain_dict(out_dir, state, cfg, naming, max_shard_bytes)

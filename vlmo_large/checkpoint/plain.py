@@ -68,6 +68,17 @@ def write_plain_dict(out_dir: str, state: dict[str, torch.Tensor], cfg: ModelCon
     return write_plain(out_dir, entries, state.__getitem__, cfg, naming, max_shard_bytes)
 
 
+def _inside(folder: str, file: str, index: str, weight_map: dict) -> None:
+    """An index entry must name a file in the checkpoint folder: an absolute path, `..` or a link
+    leading elsewhere would load whatever file it points at."""
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(root, file))
+    if os.path.isabs(file) or os.path.dirname(target) != root:
+        tensor = next((n for n, f in weight_map.items() if f == file), "?")
+        raise CheckpointError(f"{index}: entry '{tensor}' -> {file!r} points outside the checkpoint folder "
+                              f"{folder}; shard files must sit beside the index")
+
+
 class PlainCheckpoint:
     """Read a plain checkpoint folder (or one .safetensors file) lazily."""
 
@@ -82,6 +93,8 @@ class PlainCheckpoint:
             folder = path
             weight_map = self._read_index(os.path.join(path, INDEX_NAME))
             files = sorted(set(weight_map.values()))
+            for file in files:
+                _inside(folder, file, os.path.join(path, INDEX_NAME), weight_map)
         elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
             folder, files, weight_map = path, [SINGLE_NAME], None
         else:
@@ -114,9 +127,12 @@ class PlainCheckpoint:
     def _read_index(path: str) -> dict[str, str]:
         try:
             with open(path) as f:
-                return json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"cannot read index {path}: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{path}: 'weight_map' must map tensor names to file names")
+        return weight_map
 
     @staticmethod
     def _check_size(path: str) -> None:

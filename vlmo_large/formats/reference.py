@@ -7,6 +7,7 @@ checkpoint was trained at another image size. One exception: the reference's log
 """
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -57,6 +58,7 @@ _REFERENCE_BUFFERS = re.compile(r"(^|\.)(position_ids|relative_position_index|te
                                 r"text_imag_relative_position_index)$")
 
 REFERENCE_SCALARS = ("logit_scale", "logit_vl_scale")  # 0-dim there, 1 element here
+POSITION_IDS = "text_embeddings.position_ids"
 
 _GROUPS = {"{i}": r"(?P<i>\d+)", "{e}": r"(?P<e>text|imag|vl)", "{p}": r"(?P<p>weight|bias)"}
 
@@ -91,6 +93,15 @@ def to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if ref is not None:
             out[ref] = tensor.reshape(()) if ref in REFERENCE_SCALARS and torch.is_tensor(tensor) else tensor
     return out
+
+
+def reference_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The buffers the reference's state dict holds besides our tensors, for its strict loading.
+
+    Its BertEmbeddings (transformers 4.8.1, the reference's pin) registers a persistent
+    `position_ids` = arange(max_position_embeddings)[None] with max_position_embeddings =
+    max_text_len; its relative-position indices are plain attributes, not in the state dict."""
+    return {POSITION_IDS: torch.arange(cfg.max_text_len, dtype=torch.int64)[None]}
 
 
 def from_reference(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, list[str], list[str]]:
@@ -132,5 +143,13 @@ def load_reference_checkpoint(model, path: str) -> LoadReport:
 
 def save_reference_checkpoint(model, path: str) -> None:
     """Write `model` (TP=1) as the reference code loads it: a torch file with `state_dict`."""
-    state = {k: v.detach().cpu().contiguous() for k, v in to_reference(model.state_dict()).items()}
-    torch.save({"state_dict": state}, path)
+    state = {**to_reference(model.state_dict()), **reference_buffers(model.cfg)}
+    save_reference_pt(state, path)
+
+
+def save_reference_pt(state: dict[str, torch.Tensor], path: str) -> None:
+    """`{"state_dict": {name: tensor}}` of plain contiguous CPU tensors and nothing else: what the
+    reference's pinned torch 1.8 reads (it cannot read safetensors) and weights_only accepts."""
+    plain = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    torch.save({"state_dict": plain}, path + ".tmp")
+    os.replace(path + ".tmp", path)
