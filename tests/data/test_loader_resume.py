@@ -12,10 +12,10 @@ from vlmo_large.data import build_loader, merge_loader_states
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
-def _loader(synthetic, tokenizer, rank, world=2, workers=2, **kw):
+def _loader(synthetic, tokenizer, rank, world=2, workers=2, batch_size=7, shards=None, **kw):
     args = dict(tokenizer=tokenizer, image_size=64, max_text_len=32, rank=rank, world_size=world,
                 num_workers=workers, seed=7, shuffle_buffer=16, prefetch_factor=2)
-    return build_loader("image_text", synthetic["image_text"]["train"], 7, **{**args, **kw})
+    return build_loader("image_text", shards or synthetic["image_text"]["train"], batch_size, **{**args, **kw})
 
 
 def _run(loader, stop_after=None):
@@ -100,3 +100,48 @@ def test_changed_layout_finishes_the_epoch_at_shard_granularity(synthetic, token
     assert not set(rest) & done_keys, "completed shards are not read again"
     assert set(consumed) | set(rest) == all_keys and len(rest) == len(set(rest))
     assert len(rest) == len(all_keys) - len(done_keys)
+
+
+def _endless(loader, count):
+    """The trainer's iteration (training/trainer.endless): passes over the loader, `count` batches."""
+    out = []
+    while len(out) < count:
+        before = len(out)
+        for batch in loader:
+            out.append(batch)
+            if len(out) == count:
+                return out
+        assert len(out) > before, "a pass produced no batch"
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("batch_size", [8, 7])  # 120 samples per rank: 15 batches exactly / 17 and 1 dropped
+def test_state_saved_on_the_last_batch_of_an_epoch_resumes_into_the_next_epoch(synthetic, tokenizer, workers,
+                                                                               batch_size):
+    per_epoch = 120 // batch_size
+    full = _endless(_loader(synthetic, tokenizer, 0, workers=workers, batch_size=batch_size), per_epoch + 4)
+    first = _loader(synthetic, tokenizer, 0, workers=workers, batch_size=batch_size)
+    head = _endless(first, per_epoch)  # stopped right after the epoch's last batch, as a checkpoint would
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = _loader(synthetic, tokenizer, 0, workers=workers, batch_size=batch_size)
+    resumed.load_state_dict(state)
+    tail = _endless(resumed, 4)
+    assert _keys(head) == _keys(full[:per_epoch])
+    assert _keys(tail) == _keys(full[per_epoch:]), "the next epoch's batches, as uninterrupted"
+    for name in ("image", "mlm_ids"):
+        assert torch.equal(tail[0][name], full[per_epoch][name])
+    assert resumed.epoch == 1
+
+
+def test_changed_shards_seed_or_kind_are_refused_with_one_line(synthetic, tokenizer):
+    from vlmo_large.errors import UserError
+    state = _loader(synthetic, tokenizer, 0).state_dict()
+    fewer = _loader(synthetic, tokenizer, 0, shards=synthetic["image_text"]["train"].replace("000007", "000006"))
+    with pytest.raises(UserError, match=r"^resume: the data shard list \(data.shards\) changed since the checkpoint "
+                                        r"\(8 shards, fingerprint \w+ then, 7 shards, fingerprint \w+ now\)"):
+        fewer.load_state_dict(state)
+    with pytest.raises(UserError, match=r"data seed changed .*\(7 then, 8 now\)"):
+        _loader(synthetic, tokenizer, 0, seed=8).load_state_dict(state)
+    with pytest.raises(UserError, match="^resume: the worker layout changed"):
+        _loader(synthetic, tokenizer, 0, world=1, workers=3).load_state_dict(state)

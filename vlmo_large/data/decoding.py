@@ -1,7 +1,7 @@
 """Turn a raw webdataset record (bytes per extension) into an RGB image and/or a caption.
 
 Bad input raises `SkipSample(reason)`; the stream counts the reason and moves on. Unusual image
-modes are converted (and counted as `converted_<mode>`), never rejected.
+modes are converted (and counted apart from the skips, as `converted_<mode>`), never rejected.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from PIL import Image
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 # refuse decompression bombs instead of stalling a worker on one giant image
 MAX_IMAGE_PIXELS = 16384 * 16384
+CONVERTED = "converted_"  # prefix of the counters of images converted to RGB and used
 
 
 class SkipSample(Exception):
@@ -50,7 +51,7 @@ def decode_image(data: bytes, notes: list[str] | None = None) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise SkipSample("empty_image")
     if img.mode != "RGB" and notes is not None:
-        notes.append(f"converted_{img.mode}")
+        notes.append(f"{CONVERTED}{img.mode}")
     return to_rgb(img)
 
 
@@ -88,7 +89,9 @@ def decode_text(data: bytes) -> str:
 
 
 def captions(record: dict) -> list[str]:
-    """All captions of a record: `txt` (one caption) or `json` ({"captions": [...]} or a list)."""
+    """All captions of a record: `txt` (one caption) or `json` ({"captions": [...]}, {"caption": str},
+    a list of strings or a string). Non-string entries of a list are ignored; any other JSON shape
+    (number, bool, null, object) is `bad_caption_json`."""
     if "txt" in record:
         return [decode_text(record["txt"])]
     if "json" in record:
@@ -99,7 +102,9 @@ def captions(record: dict) -> list[str]:
         items = meta.get("captions", meta.get("caption")) if isinstance(meta, dict) else meta
         if isinstance(items, str):
             items = [items]
-        texts = [" ".join(str(t).split()) for t in (items or [])]
+        if not isinstance(items, list) or (items and not any(isinstance(t, str) for t in items)):
+            raise SkipSample("bad_caption_json")
+        texts = [" ".join(t.split()) for t in items if isinstance(t, str)]
         texts = [t for t in texts if t]
         if not texts:
             raise SkipSample("empty_caption")

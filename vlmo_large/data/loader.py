@@ -39,15 +39,28 @@ from typing import Sequence
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from vlmo_large.data.decoding import CONVERTED
 from vlmo_large.data.sample_processing import SampleProcessor, collate
 from vlmo_large.data.sample_stream import SampleStream, epoch_shard_order
 from vlmo_large.data.shard_list import expand_shards
+from vlmo_large.data.tar_reader import DEFAULT_TIMEOUT_S
+from vlmo_large.errors import UserError
 
 STATE_VERSION = 1
 
 
 def _fingerprint(shards: Sequence[str]) -> str:
     return hashlib.sha1(json.dumps(list(shards)).encode()).hexdigest()[:16]
+
+
+_WHAT_CHANGED = {"kind": "kind (stage)", "seed": "seed", "shards": "shard list (data.shards)"}
+
+
+def _describe(state: dict, key: str) -> str:
+    if key == "shards":
+        count = state.get("num_shards")
+        return f"{count} shards, fingerprint {state[key]}" if count is not None else f"fingerprint {state[key]}"
+    return repr(state[key])
 
 
 class StreamLoader:
@@ -75,8 +88,12 @@ class StreamLoader:
             self._reset_epoch(epoch)
 
     def skip_counts(self) -> dict[str, int]:
-        """Records skipped or converted, by reason, over all workers of this rank so far."""
-        return dict(self._skips)
+        """Records and shards skipped, by reason, over all workers of this rank so far."""
+        return {k: n for k, n in self._skips.items() if not k.startswith(CONVERTED)}
+
+    def converted_counts(self) -> dict[str, int]:
+        """Images converted to RGB and used (not skipped), by source mode: `converted_<mode>`."""
+        return {k: n for k, n in self._skips.items() if k.startswith(CONVERTED)}
 
     def _next_worker(self) -> int | None:
         n = self.stream.num_workers
@@ -89,6 +106,18 @@ class StreamLoader:
 
     # ----- iteration ----------------------------------------------------------------------
     def __iter__(self):
+        # A state saved after the last batch of an epoch (the workers' end markers not yet seen)
+        # has nothing left of that epoch: that pass is empty, and an uninterrupted run would go on
+        # with the next epoch, so the same iteration does too (an empty FRESH epoch stays empty).
+        inside = self._last_worker is not None or any(s["pos"] or s["done"] for s in self._workers.values())
+        yielded = False
+        for batch in self._pass():
+            yielded = True
+            yield batch
+        if inside and not yielded:
+            yield from self._pass()
+
+    def _pass(self):
         stream = self.stream
         stream.epoch, stream.epoch_shards = self.epoch, self._epoch_shards
         nxt = self._next_worker()
@@ -140,7 +169,7 @@ class StreamLoader:
     def state_dict(self) -> dict:
         s = self.stream
         return {"version": STATE_VERSION, "kind": s.processor.kind, "seed": s.seed, "epoch": self.epoch,
-                "shards": _fingerprint(s.shards), "epoch_shards": self._epoch_shards,
+                "shards": _fingerprint(s.shards), "num_shards": len(s.shards), "epoch_shards": self._epoch_shards,
                 **self._layout(), "last_worker": {str(s.rank): self._last_worker},
                 "workers": {f"{s.rank}/{w}": dict(v, completed=list(v["completed"]))
                             for w, v in self._workers.items()},
@@ -149,10 +178,14 @@ class StreamLoader:
     def load_state_dict(self, state: dict) -> None:
         s = self.stream
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported data state version {state.get('version')}")
-        for key, mine in (("kind", s.processor.kind), ("seed", s.seed), ("shards", _fingerprint(s.shards))):
+            raise UserError(f"resume: the checkpoint's data state has version {state.get('version')!r}, "
+                            f"this code reads version {STATE_VERSION}")
+        now = {"kind": s.processor.kind, "seed": s.seed, "shards": _fingerprint(s.shards)}
+        for key, mine in now.items():
             if state[key] != mine:
-                raise ValueError(f"data state was saved with another {key} ({state[key]!r} != {mine!r})")
+                raise UserError(f"resume: the data {_WHAT_CHANGED[key]} changed since the checkpoint "
+                                f"({_describe(state, key)} then, {_describe({**now, 'num_shards': len(s.shards)}, key)} "
+                                "now); resume with the same data settings or start a new run with --init")
         mine = [f"{s.rank}/{w}" for w in range(s.num_workers)]
         if {k: state[k] for k in self._layout()} == self._layout() and all(k in state["workers"] for k in mine):
             self._reset_epoch(state["epoch"], state["epoch_shards"])
@@ -163,8 +196,8 @@ class StreamLoader:
             return
         old = [f"{r}/{w}" for r in range(state["world_size"]) for w in range(state["num_workers"])]
         if not all(k in state["workers"] for k in old):
-            raise ValueError("the worker layout changed (world_size/num_workers) and this state holds only "
-                             "some ranks' progress; restore from merge_loader_states(all ranks' states)")
+            raise UserError("resume: the worker layout changed (world_size/num_workers) and this data state holds "
+                            "only some ranks' progress; restore from merge_loader_states(all ranks' states)")
         done = {p for k in old for p in state["workers"][k]["completed"]}
         order = (state["epoch_shards"] if state["epoch_shards"] is not None
                  else epoch_shard_order(s.shards, s.seed, state["epoch"], s.shuffle))
@@ -179,7 +212,7 @@ def merge_loader_states(states: Sequence[dict]) -> dict:
     for st in states:
         for key in ("kind", "seed", "shards", "epoch", "world_size", "num_workers"):
             if st[key] != merged[key]:
-                raise ValueError(f"rank states disagree on {key}")
+                raise UserError(f"resume: the ranks' data states disagree on {key} ({st[key]!r} != {merged[key]!r})")
         merged["workers"].update(st["workers"])
         merged["last_worker"].update(st["last_worker"])
         merged["skip_counts"].update(st["skip_counts"])
@@ -202,12 +235,13 @@ def build_loader(kind: str, shards, batch_size: int, *, tokenizer=None, image_si
                  world_size: int | None = None, num_workers: int = 0, seed: int = 0, epoch: int = 0,
                  mlm_prob: float = 0.15, mim_ratio: float = 0.4, patch_size: int = 16,
                  drop_last: bool = True, shuffle_buffer: int = 1000, augment: str = "spec",
-                 prefetch_factor: int = 4) -> StreamLoader:
+                 prefetch_factor: int = 4, shard_timeout: float = DEFAULT_TIMEOUT_S) -> StreamLoader:
     """A resumable loader of `kind` in {"image_text", "image", "text"} batches (see module doc).
 
     rank/world_size: the DATA-parallel rank and size (pass megatron's DP rank under tensor or
     pipeline parallelism); when omitted, torch.distributed's, else 0/1. `augment`: "spec",
-    "light" or "none" (transforms.py); ignored when train=False.
+    "light" or "none" (transforms.py); ignored when train=False. `shards`: local paths, patterns or
+    URLs (shard_list); a shard that sends no byte for `shard_timeout` seconds is skipped and counted.
     """
     rank, world_size = _resolve_rank(rank, world_size)
     if not 0 <= rank < world_size:
@@ -216,6 +250,7 @@ def build_loader(kind: str, shards, batch_size: int, *, tokenizer=None, image_si
                                 mlm_prob=mlm_prob, mim_ratio=mim_ratio, patch_size=patch_size,
                                 augment=augment)
     stream = SampleStream(expand_shards(shards), processor, rank=rank, world_size=world_size,
-                          num_workers=num_workers, seed=seed, shuffle=train, shuffle_buffer=shuffle_buffer)
+                          num_workers=num_workers, seed=seed, shuffle=train, shuffle_buffer=shuffle_buffer,
+                          shard_timeout=shard_timeout)
     return StreamLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last,
                         prefetch_factor=prefetch_factor, epoch=epoch)

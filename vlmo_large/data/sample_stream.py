@@ -25,7 +25,7 @@ from webdataset.filters import shuffle as wds_shuffle
 
 from vlmo_large.data.decoding import SkipSample
 from vlmo_large.data.sample_processing import SampleProcessor, stable_hash
-from vlmo_large.data.tar_reader import read_shards
+from vlmo_large.data.tar_reader import DEFAULT_TIMEOUT_S, read_shards
 
 
 def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int, shuffle: bool) -> list[str]:
@@ -37,12 +37,14 @@ def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int, shuffle: boo
 
 class SampleStream(IterableDataset):
     def __init__(self, shards: Sequence[str], processor: SampleProcessor, *, rank: int, world_size: int,
-                 num_workers: int, seed: int, shuffle: bool, shuffle_buffer: int = 1000):
+                 num_workers: int, seed: int, shuffle: bool, shuffle_buffer: int = 1000,
+                 shard_timeout: float = DEFAULT_TIMEOUT_S):
         self.shards = list(shards)
         self.processor = processor
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.shard_timeout = shard_timeout
         # set by the loader before every pass
         self.epoch = 0
         self.epoch_shards: list[str] | None = None  # explicit remaining shards after a re-layout
@@ -76,7 +78,7 @@ class SampleStream(IterableDataset):
 
         def records():
             for pos, record in read_shards(paths, on_event=lambda r: events.update([r]),
-                                           on_shard_end=shard_end):
+                                           on_shard_end=shard_end, timeout=self.shard_timeout):
                 read_count[pos] += 1
                 record["__shard__"] = pos
                 record["__events__"], record["__completed__"] = Counter(events), list(completed)

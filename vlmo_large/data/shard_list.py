@@ -1,9 +1,11 @@
-"""Resolve shard specifications to a list of local tar paths.
+"""Resolve shard specifications to a list of local tar paths or URLs.
 
 Accepted: a brace pattern ("data/shard-{000000..000099}.tar"), a glob ("data/*.tar"), a
 comma-free list of either, or a directory (all *.tar inside). Paths a brace pattern names but
 that do not exist are kept: the stream counts them as `missing_shard` and carries on. A
 specification that matches no existing file at all is a configuration error, raised at once.
+URLs (`pipe:cmd`, `http(s)://`, `s3://`, `gs://`..., read by shard_stream) are brace-expanded
+only: no globbing and no existence check (they are only known once read).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import os
 from typing import Sequence
 
 from braceexpand import braceexpand
+
+from vlmo_large.data.shard_stream import is_url
 
 _GLOB_CHARS = set("*?[")
 
@@ -23,6 +27,9 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     paths: list[str] = []
     for pattern in patterns:
         pattern = os.fspath(pattern)
+        if is_url(pattern):
+            paths.extend(braceexpand(pattern))
+            continue
         found: list[str] = []
         for expanded in braceexpand(pattern):
             if os.path.isdir(expanded):
@@ -31,7 +38,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
                 found.extend(sorted(glob.glob(expanded)))
             else:
                 found.append(expanded)
-        if not any(os.path.isfile(p) for p in found):
+        if not any(os.path.exists(p) for p in found):  # a FIFO or device counts
             raise FileNotFoundError(f"shard pattern {pattern!r} matches no files")
         paths.extend(found)
     return paths
