@@ -85,9 +85,12 @@ class TimedReader:
             self._handle = gopen(self.url, "rb")
             while not self._stop.is_set():
                 data = self._handle.read(CHUNK)
-                self._put(bytes(data))
                 if not data:
+                    handle, self._handle = self._handle, None
+                    handle.close()  # webdataset's Pipe raises here if the command (curl, aws) failed
+                    self._put(b"")
                     break
+                self._put(bytes(data))
         except BaseException as exc:  # handed to the reader, raised there
             self._put(exc)
         finally:
