@@ -34,7 +34,7 @@ class ModelConfig:
     max_text_len: int = 40  # rows of the text position table; VL pretraining length
     max_text_len_of_initckpt: int = 196  # text span of the relative position table
     text_norm_eps: float = 1e-12
-    text_dropout: float = 0.0
+    text_dropout: Optional[float] = None  # None: drop_path_rate, as the reference (hidden_dropout_prob)
     num_modality_types: int = 2  # 0 text, 1 image (2: NLVR2's second image)
     # pretraining heads
     mim_target: str = "pixel"  # "pixel" (normalised pixels) or "token" (visual-token ids)
@@ -42,6 +42,11 @@ class ModelConfig:
     # execution
     attention: str = "auto"  # "sdpa" (torch's fused kernels), "explicit" (reference math), "auto" (see attention.py)
     checkpoint_every: int = 0  # activation checkpointing: 0 none, k every k-th block
+
+    @property
+    def text_dropout_rate(self) -> float:
+        """Dropout after the text embeddings: the reference's BertEmbeddings use drop_path_rate."""
+        return self.drop_path_rate if self.text_dropout is None else self.text_dropout
 
     @property
     def head_dim(self) -> int:

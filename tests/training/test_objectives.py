@@ -49,7 +49,7 @@ def test_mlm_loss_equals_cross_entropy_over_all_positions():
 def test_param_groups_keep_frozen_out_and_exempt_norms_biases_scales_from_decay():
     model = build_model("tiny")
     apply_stage_freezing(model, "text_mlm")
-    groups = {g["name"]: g for g in param_groups(model, 0.01)}
+    groups = {g["name"]: g for g in param_groups(model, 0.01, "vlmo_large")}
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for p in groups["decay"]["params"]}
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
@@ -60,7 +60,7 @@ def test_param_groups_keep_frozen_out_and_exempt_norms_biases_scales_from_decay(
             "backbone.text_embeddings.position_embeddings.weight"} <= no_decay
     assert {"backbone.text_embeddings.word_embeddings.weight", "mlm_head.decoder.weight"} <= decay
     apply_stage_freezing(model, "vl")
-    no_decay = {names[id(p)] for p in param_groups(model, 0.01)[1]["params"]}
+    no_decay = {names[id(p)] for p in param_groups(model, 0.01, "vlmo_large")[1]["params"]}
     assert {"itc.logit_scale", "itc_vl.logit_scale", "backbone.patch_embed.cls_token", "backbone.blocks.0.gamma_1",
             "mim_head.mask_token"} <= no_decay
 
@@ -101,3 +101,44 @@ def test_cuda_arch_names_deepspeed_cannot_parse_are_made_generic(monkeypatch):
     _plain_cuda_arch_list()
     import os
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
+
+
+def test_hard_negatives_of_non_finite_rows_are_uniform_over_the_other_columns():
+    """A diverged model (lr=10000) gives inf/NaN similarities: sampling must not crash (the loss
+    comes out non-finite and the trainer stops on it)."""
+    n = 20000
+    logits = torch.tensor([[1.0, float("nan"), 0.0, 2.0], [float("inf"), float("inf"), 0.0, 1.0],
+                           [float("-inf")] * 4, [1e38, -1e38, float("inf"), float("-inf")]])
+    positives = torch.tensor([0, 1, 2, 3])
+    drawn = sample_hard_negatives(logits.repeat_interleave(n, 0), positives.repeat_interleave(n),
+                                  torch.Generator().manual_seed(0))
+    for r in range(4):
+        counts = torch.bincount(drawn[r * n:(r + 1) * n], minlength=4).double() / n
+        expected = torch.full((4,), 1 / 3, dtype=torch.float64)
+        expected[positives[r]] = 0
+        torch.testing.assert_close(counts, expected, atol=0.015, rtol=0)
+
+
+def test_itm_pairs_can_skip_candidates_with_the_positives_text():
+    from vlmo_large.training.objectives import itm_pairs
+    B, T = 6, 5
+    ids = torch.arange(B * T).view(B, T)
+    ids[3] = ids[0]  # texts 0, 3 and 5 are the same caption
+    ids[5] = ids[0]
+    batch = {"image": torch.arange(B).float().view(B, 1, 1, 1), "text_ids": ids, "text_mask": torch.ones(B, T)}
+    logits = torch.zeros(B, B)
+    logits[0, 3] = logits[3, 0] = logits[5, 0] = logits[0, 5] = 30.0  # the identical caption dominates
+    same = {0: {3, 5}, 3: {0, 5}, 5: {0, 3}}
+    for skip in (False, True):
+        hits = 0
+        for seed in range(200):
+            pairs = itm_pairs(batch, logits, logits, generator=torch.Generator().manual_seed(seed),
+                              skip_identical_text=skip)
+            for row in range(B):
+                for col in (int(pairs["image_for_text"][row]), int(pairs["text_for_image"][row])):
+                    assert col != row
+                    hits += col in same.get(row, ())
+        if skip:
+            assert hits == 0
+        else:
+            assert hits > 1000, "without the option the identical caption is drawn nearly always"

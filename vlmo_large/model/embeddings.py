@@ -23,7 +23,7 @@ class TextEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_text_len, cfg.embed_dim)
         self.token_type_embeddings = nn.Embedding(2, cfg.embed_dim)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.text_norm_eps)
-        self.dropout = nn.Dropout(cfg.text_dropout)
+        self.dropout = nn.Dropout(cfg.text_dropout_rate)
         self.use_positions = cfg.use_abs_pos_emb
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from vlmo_large.training.objectives import itm_pairs, normalized_pixel_targets
 
 def build_pipeline_engine(cfg: ModelConfig, stage: str, ds_config: dict, tensor_parallel: int,
                           pipeline_parallel: int, weights: dict | None = None, weight_decay: float = 0.01,
-                          partition_method: str = "parameters", lr_scheduler=None):
+                          decay_rule: str = "reference", partition_method: str = "parameters", lr_scheduler=None):
     """Validate the layout, create the process groups, build this rank's stage and its engine.
 
     `weights`: a plain VLMo state dict (full tensors) to start from; otherwise layers initialise
@@ -55,7 +55,7 @@ def build_pipeline_engine(cfg: ModelConfig, stage: str, ds_config: dict, tensor_
         load_plain_state_dict(pipe, weights)
     freeze_for_stage(pipe, stage)
     engine, *_ = deepspeed.initialize(model=pipe, config=ds_config, lr_scheduler=lr_scheduler,
-                                      model_parameters=param_groups(pipe, weight_decay))
+                                      model_parameters=param_groups(pipe, weight_decay, decay_rule))
     return engine
 
 

@@ -46,10 +46,10 @@ def named_plain_parameters(pipe):
             yield layer.plain_name(name), param
 
 
-def param_groups(pipe, weight_decay: float) -> list[dict]:
-    """training/optimization.py's AdamW groups (no decay on biases, norms, scales...), by VLMo name."""
+def param_groups(pipe, weight_decay: float, rule: str = "reference") -> list[dict]:
+    """training/optimization.py's AdamW groups (`optim.decay_rule`), by VLMo name."""
     return optimization.param_groups(SimpleNamespace(named_parameters=lambda: named_plain_parameters(pipe)),
-                                     weight_decay)
+                                     weight_decay, rule)
 
 
 def load_plain_state_dict(pipe, full: dict[str, torch.Tensor]) -> None:

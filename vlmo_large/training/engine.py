@@ -55,7 +55,7 @@ def build_engine(objective: torch.nn.Module, resolved: ResolvedRun, cfg: RunConf
     import deepspeed
 
     prepare_deepspeed(dist.get_rank() if dist.is_initialized() else 0)
-    groups = param_groups(objective, cfg.optim.weight_decay)
+    groups = param_groups(objective, cfg.optim.weight_decay, cfg.optim.decay_rule)
     schedule = WarmupDecay(cfg.schedule.warmup, cfg.schedule.steps, cfg.schedule.decay, cfg.schedule.min_lr_ratio)
     # DeepSpeed's grad-norm and checkpoints must know about TP; its pipeline engine refuses an mpu
     mpu = state.DeepSpeedMPU() if cfg.parallel.tp > 1 and cfg.parallel.pp == 1 else None

@@ -67,7 +67,7 @@ class PipelineTrainer(Trainer):
         schedule = WarmupDecay(cfg.schedule.warmup, cfg.schedule.steps, cfg.schedule.decay, cfg.schedule.min_lr_ratio)
         self.engine = build_pipeline_engine(
             resolved.model, cfg.stage, pipeline_ds_config(resolved.ds_config), cfg.parallel.tp, cfg.parallel.pp,
-            weights=full, weight_decay=cfg.optim.weight_decay,
+            weights=full, weight_decay=cfg.optim.weight_decay, decay_rule=cfg.optim.decay_rule,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)))
         self.engine.module.loss_fn.weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
         self.runner = PipelineStep(self.engine, seed=cfg.seed)

@@ -22,6 +22,7 @@ from vlmo_large.errors import UserError
 
 STAGES = ("mim", "text_mlm", "vl")
 DATA_KIND = {"mim": "image", "text_mlm": "text", "vl": "image_text"}  # the data loader kind of each stage
+DECAY_RULES = ("reference", "vlmo_large")  # optim.decay_rule: training/optimization.py
 
 
 class ConfigError(UserError):
@@ -59,6 +60,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     grad_clip: float = 1.0              # 0 turns clipping off
+    decay_rule: str = "reference"       # which parameters get weight decay: "reference" (the reference
+    #   VLMo's: all but biases and the norm/norm1/norm2/LayerNorm weights) or "vlmo_large" (also exempts
+    #   expert norms, layer scales, logit scales, CLS/mask tokens, positions); training/optimization.py
 
 
 @dataclass
@@ -152,6 +156,13 @@ def _coerce(tp, value, key: str):
     if tp in (int, str, bool, float) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def typed_fields(cls, data: dict, prefix: str = "") -> dict:
+    """`data` with each value of a field `cls` declares checked against its annotation (as the run
+    config's own keys are); keys `cls` does not declare are left for the caller to report."""
+    hints = typing.get_type_hints(cls)
+    return {key: _coerce(hints[key], value, prefix + key) if key in hints else value for key, value in data.items()}
 
 
 def build_dataclass(cls, data: dict, prefix: str = ""):
