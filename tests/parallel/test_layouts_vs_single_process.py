@@ -55,7 +55,7 @@ def reference_step(weights_path: str, negatives: list[torch.Tensor]):
     apply_stage_freezing(model, "vl")
     replay = iter(negatives)
 
-    def replayed(logits, positives, generator=None):
+    def replayed(logits, positives, generator=None, exclude=None):
         assert logits.shape == (GLOBAL_BATCH, GLOBAL_BATCH) and torch.equal(positives, torch.arange(GLOBAL_BATCH))
         return next(replay)
 

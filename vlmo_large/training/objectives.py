@@ -55,27 +55,44 @@ def positive_columns(local_batch: int, group, device) -> torch.Tensor:
 # -- ITM hard negatives -------------------------------------------------------------------------
 @torch.no_grad()
 def sample_hard_negatives(logits: torch.Tensor, positives: torch.Tensor,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+                          generator: torch.Generator | None = None,
+                          exclude: torch.Tensor | None = None) -> torch.Tensor:
     """One column per row, drawn with probability softmax(row) with the positive zeroed.
 
     The positive is masked before the softmax (the same distribution once renormalised, which
-    torch.multinomial does) so that a confident row cannot underflow to all zeros.
+    torch.multinomial does) so that a confident row cannot underflow to all zeros. `exclude`
+    ([rows, columns] bool) masks more columns the same way (e.g. texts identical to the positive).
+    A row whose weights are not finite (a diverged model: inf/NaN similarities) or that has no
+    allowed column left draws uniformly from the columns other than the positive, so sampling never
+    fails and the non-finite loss reaches the trainer, which stops on it.
     """
-    masked = logits.float().clone()
-    masked[torch.arange(len(positives), device=logits.device), positives] = float("-inf")
-    return torch.multinomial(masked.softmax(dim=1), 1, generator=generator).squeeze(1)
+    rows = torch.arange(len(positives), device=logits.device)
+    others = torch.ones_like(logits, dtype=torch.bool)
+    others[rows, positives] = False
+    allowed = others if exclude is None else others & ~exclude
+    masked = logits.float().masked_fill(~allowed, float("-inf"))
+    probs = masked.softmax(dim=1)
+    broken = ~(torch.isfinite(probs).all(1) & (probs.sum(1) > 0))
+    probs = torch.where(broken[:, None], others.float(), probs)  # no host sync on a GPU
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def itm_pairs(batch: dict, i2t: torch.Tensor, t2i: torch.Tensor, group=None,
-              generator: torch.Generator | None = None) -> dict:
+              generator: torch.Generator | None = None, skip_identical_text: bool = False) -> dict:
     """3B (text, image) pairs: B positive, then for each local text a hard-negative image, then for
-    each local image a hard-negative text, both drawn from the all-gathered global batch."""
+    each local image a hard-negative text, both drawn from the all-gathered global batch.
+
+    skip_identical_text: never draw a candidate whose text (token ids) equals the positive's: with
+    repeated captions ("a dog on a beach") such an image or text is no negative at all."""
     images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-    positives = positive_columns(images.shape[0], group, images.device)
-    image_for_text = sample_hard_negatives(t2i, positives, generator)
-    text_for_image = sample_hard_negatives(i2t, positives, generator)
     all_images = all_gather_no_grad(images, group)
     all_ids, all_mask = all_gather_no_grad(ids, group), all_gather_no_grad(mask, group)
+    positives = positive_columns(images.shape[0], group, images.device)
+    same = None
+    if skip_identical_text:  # [local texts, global texts]
+        same = (ids[:, None] == all_ids[None]).all(-1) & (mask[:, None] == all_mask[None]).all(-1)
+    image_for_text = sample_hard_negatives(t2i, positives, generator, same)
+    text_for_image = sample_hard_negatives(i2t, positives, generator, same)
     B = images.shape[0]
     return {
         "text_ids": torch.cat([ids, ids, all_ids[text_for_image]]),
@@ -135,7 +152,7 @@ def text_mlm_losses(model, batch: dict) -> dict:
 
 
 def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=None,
-              generator: torch.Generator | None = None) -> dict:
+              generator: torch.Generator | None = None, itm_skip_identical_text: bool = False) -> dict:
     """Stage 3: ITC (final and VL-branch CLS), ITM with global hard negatives, MLM on the fused
     encoder. The MLM pairs and the 3B ITM pairs go through the fused encoder as one batch."""
     bb = model.backbone
@@ -145,7 +162,7 @@ def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=No
     itc_vl, _, _ = contrastive_loss(*model.itc_vl(image_vl[:, 0], text_vl[:, 0]), model.itc_vl.logit_scale, group)
     itc = (itc_main + itc_vl) / 2
 
-    pairs = itm_pairs(batch, i2t.detach(), t2i.detach(), group, generator)
+    pairs = itm_pairs(batch, i2t.detach(), t2i.detach(), group, generator, itm_skip_identical_text)
     B, T = batch["text_ids"].shape
     fused = bb.encode_pair(torch.cat([batch["mlm_ids"], pairs["text_ids"]]),
                            torch.cat([batch["text_mask"], pairs["text_mask"]]),
@@ -166,14 +183,17 @@ class PretrainingObjective(torch.nn.Module):
 
     forward(batch, step) -> dict of scalars, "loss" the one to backpropagate. `step` seeds the ITM
     negative sampler (with the seed and data-parallel rank), so a resumed run draws the same
-    negatives as an uninterrupted one whatever the global RNG state.
+    negatives as an uninterrupted one whatever the global RNG state. `itm_skip_identical_text`:
+    see itm_pairs (off by default, as in the reference).
     """
 
-    def __init__(self, model, stage: str, weights: LossWeights = LossWeights(), group=None, seed: int = 0):
+    def __init__(self, model, stage: str, weights: LossWeights = LossWeights(), group=None, seed: int = 0,
+                 itm_skip_identical_text: bool = False):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}'; choose one of {STAGES}")
         self.model, self.stage, self.weights, self.group, self.seed = model, stage, weights, group, seed
+        self.itm_skip_identical_text = itm_skip_identical_text
 
     def forward(self, batch: dict, step: int = 0) -> dict:
         if self.stage == "mim":
@@ -183,4 +203,4 @@ class PretrainingObjective(torch.nn.Module):
         device = batch["image"].device
         generator = torch.Generator(device=device).manual_seed(
             (self.seed * 1_000_003 + step) * 4099 + group_rank(self.group))
-        return vl_losses(self.model, batch, self.weights, self.group, generator)
+        return vl_losses(self.model, batch, self.weights, self.group, generator, self.itm_skip_identical_text)
