@@ -22,6 +22,7 @@ setup(
         "webdataset>=0.2.86",
         "braceexpand",
         "mlflow>=2.16",
+        "psutil",  # MLflow's system metrics (CPU, memory); GPU ones also need pynvml (nvidia-ml-py)
         "safetensors>=0.4",
         "pyyaml",
         "tqdm",

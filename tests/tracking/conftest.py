@@ -1,7 +1,13 @@
 """A real `mlflow server` on loopback for the tracking tests: random free port, sqlite store and
 artifact root in a temp dir, started in its own process group so that it and every worker it
-spawns can be killed together, with hard timeouts on start-up and shutdown."""
+spawns can be killed together, with hard timeouts on start-up and shutdown.
+
+Start-up is made cheap and the waits generous, for a loaded machine: one server per session
+(`mlflow_server`; a test that stops it starts it again), stores copied from one migrated empty
+store (`store_template`: a fresh sqlite store's migrations take 4-8 s), and up to 300 s for the
+health endpoint to answer."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-START_TIMEOUT_S = 90
+START_TIMEOUT_S = 300  # 90 s was once not enough on a busy machine
 
 
 def free_port() -> int:
@@ -22,9 +28,12 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, backend_uri: str | None = None, port: int | None = None):
+    def __init__(self, root: Path, backend_uri: str | None = None, port: int | None = None,
+                 template: Path | None = None):
         self.root, self.port = root, port or free_port()
         self.backend_uri = backend_uri or f"sqlite:///{root / 'server.db'}"
+        if template is not None and backend_uri is None:
+            seed_store(template, root / "server.db")
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -71,10 +80,36 @@ class MlflowServer:
         self.proc = None
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path / "server").start()
+def seed_store(template: Path, path: Path) -> Path:
+    """A copy of the migrated empty store at `path` (e.g. <output_dir>/mlflow.db), unless one is there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        shutil.copyfile(template, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    from mlflow.tracking import MlflowClient
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the store
+    return path
+
+
+@pytest.fixture(scope="session")
+def _session_server(tmp_path_factory, store_template):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), template=store_template)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def mlflow_server(_session_server):
+    """The session's server, running (started again if a test stopped it); tests tell their runs
+    apart by run id, never by what else is in the store."""
+    if _session_server.proc is None or not _session_server.healthy():
+        _session_server.stop()
+        _session_server.start()
+    return _session_server

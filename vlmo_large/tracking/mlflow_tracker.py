@@ -9,7 +9,13 @@ owns the MlflowClient and delivers in order. So:
   counted (`health()["dropped_metrics"]`, and the line logged on recovery);
 - a request the store rejects (4xx: bad key, param changed on a resumed run, missing file) is
   logged and dropped rather than retried forever;
-- `finish()` waits at most `timeout` seconds for delivery, then gives up and says how much was lost.
+- `finish()` drains: it retries at least every `DRAIN_RETRY_S` (whatever the backoff had grown to)
+  until `timeout` seconds have passed, then gives up and says exactly what was not delivered;
+- a run continued on resume (`run_id=`) is set RUNNING again; params it already holds are not sent
+  again, a param whose value changed is kept as the tag `param_changed.<key>` ("old -> new");
+- with `record_dir`, the run id is written there when the run is ready (run_record.py); with
+  `node_id`, MLflow's own system metrics (CPU, memory, disk, network, GPU when pynvml finds one) of
+  this node are logged to the run as system/<node_id>/...
 The run itself is created by the background thread, so `run_id` is None until the store answers.
 """
 from __future__ import annotations
@@ -28,26 +34,30 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vlmo_large.tracking.outbox import METRICS_PER_REQUEST, Op, Outbox
-from vlmo_large.tracking.params import flatten_params
+from vlmo_large.tracking.params import MAX_KEY_LENGTH, flatten_params
 from vlmo_large.tracking.tracker import Tracker
 
 log = logging.getLogger("vlmo_large.tracking")
 PARAMS_PER_REQUEST = 100  # mlflow's MAX_PARAMS_TAGS_PER_BATCH
 MAX_TAG_LENGTH = 8000
 _THREAD_PREFIX = "vlmo-mlflow-sender"
+DRAIN_RETRY_S = 0.5  # the longest wait between attempts once finish() is draining
+STOP_WAIT_S = 5.0    # after giving up: how long a request still in flight may take to end
+EXPERIMENT = "vlmo_large"
 
 
 class MlflowTracker(Tracker):
     enabled = True
 
     def __init__(self, output_dir: str | os.PathLike, tracking_uri: str | None = None,
-                 experiment: str = "vlmo_large", run_name: str | None = None, *, run_id: str | None = None,
+                 experiment: str = EXPERIMENT, run_name: str | None = None, *, run_id: str | None = None,
                  tags: Mapping[str, Any] | None = None, max_buffered_metrics: int = 100_000,
-                 retry_interval: tuple[float, float] = (1.0, 30.0)):
+                 retry_interval: tuple[float, float] = (1.0, 30.0), record_dir: str | os.PathLike | None = None,
+                 node_id: str | None = None, supersede: str | None = None):
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         local = tracking_uri is None
-        self.tracking_uri = tracking_uri or f"sqlite:///{self.output_dir / 'mlflow.db'}"
+        self.tracking_uri = store_uri(output_dir, tracking_uri)
         # Without this the embedded store puts artifacts in ./mlruns of whatever the cwd is.
         self._artifact_location = (self.output_dir / "mlruns").as_uri() if local else None
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -55,6 +65,10 @@ class MlflowTracker(Tracker):
         self.experiment, self.run_name = experiment, run_name
         self.run_id: str | None = None
         self._resume_id, self._tags = run_id, {k: str(v) for k, v in (tags or {}).items()}
+        self._record_dir, self._node_id, self._supersede = record_dir, node_id, supersede
+        self._stored_params: dict[str, str] = {}  # what the store holds (a continued run's, then ours)
+        self._monitor = None
+        self._drain_until: float | None = None
         self._start_ms = _now_ms()
         self._retry_min, self._retry_max = retry_interval
         self._outbox = Outbox(max_buffered_metrics)
@@ -93,14 +107,26 @@ class MlflowTracker(Tracker):
         if self._closed:
             return
         self._closed = True
+        self._drain_until = time.monotonic() + timeout
         self._outbox.put(Op("finish", status))
         self._retry_now.set()  # skip the current backoff wait: try now
-        if not self._terminated.wait(timeout):
-            log.warning("MLflow tracking: gave up delivering after %.0f s; %d metric points and %d other "
-                        "records not delivered, run %s not closed (last error: %s)", timeout,
-                        self._outbox.pending_metrics, len(self._outbox), self.run_id, self._health["last_error"])
+        delivered = self._terminated.wait(timeout)
         self._stop.set()
+        self._retry_now.set()
         self._outbox.wake()
+        if not delivered:
+            self._thread.join(STOP_WAIT_S)  # a request in flight may still be answered
+            if not self._terminated.is_set():
+                log.warning(self._undelivered_report(status, timeout))
+
+    def _undelivered_report(self, status: str, timeout: float) -> str:
+        queued, in_flight = self._outbox.undelivered()
+        text = (f"MLflow tracking: gave up after {timeout:.0f} s (last error: {self._health['last_error']}); "
+                f"not delivered: {_counts(queued) or 'no records'}; run {self.run_id or '(never created)'} "
+                f"not marked {status}")
+        if in_flight:
+            text += f"; in a request left unanswered (may have arrived): {_counts(in_flight)}"
+        return text
 
     def flush(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -180,7 +206,10 @@ class MlflowTracker(Tracker):
                     continue
                 self._outbox.requeue([op])
                 self._mark_outage(err)
-                self._retry_now.wait(backoff)
+                wait = backoff
+                if self._drain_until is not None:  # finishing: retry promptly until the deadline
+                    wait = min(wait, DRAIN_RETRY_S, max(0.0, self._drain_until - time.monotonic()))
+                self._retry_now.wait(wait)
                 self._retry_now.clear()
                 backoff = min(2 * backoff, self._retry_max)
                 continue
@@ -194,23 +223,57 @@ class MlflowTracker(Tracker):
     def _ensure_run(self, client: MlflowClient) -> None:
         if self.run_id is not None:
             return
-        if self._resume_id:
-            client.update_run(self._resume_id, status="RUNNING")
-            self.run_id = self._resume_id
-            return
-        experiment = client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            experiment_id = client.create_experiment(self.experiment, artifact_location=self._artifact_location)
-        else:
-            experiment_id = experiment.experiment_id
-        run = client.create_run(experiment_id, start_time=self._start_ms, tags=self._tags, run_name=self.run_name)
-        self.run_id = run.info.run_id
+        run_id = self._continue_run(client) if self._resume_id else None
+        if run_id is None:
+            experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                experiment_id = client.create_experiment(self.experiment, artifact_location=self._artifact_location)
+            else:
+                experiment_id = experiment.experiment_id
+            run = client.create_run(experiment_id, start_time=self._start_ms, tags=self._tags, run_name=self.run_name)
+            run_id = run.info.run_id
+        self.run_id = run_id
+        self._run_ready(client)
+
+    def _continue_run(self, client: MlflowClient) -> str | None:
+        """Set the run RUNNING again and note the params it holds; None (a new run) if it is gone."""
+        try:
+            run = client.get_run(self._resume_id)
+        except MlflowException as err:
+            if not _is_rejection(err):
+                raise  # unreachable: retried
+            run = None
+        if run is None or run.info.lifecycle_stage != "active":
+            log.warning("MLflow tracking: run %s (to continue) is not in %s; logging to a new run",
+                        self._resume_id, self.tracking_uri)
+            return None
+        client.update_run(run.info.run_id, status="RUNNING")
+        self._stored_params = dict(run.data.params)
+        return run.info.run_id
+
+    def _run_ready(self, client: MlflowClient) -> None:
+        """Once per tracker: record the run id, close the run it replaces, start system metrics.
+        None of these may stop the logging itself."""
+        from vlmo_large.tracking.run_record import write_record
+        try:
+            if self._record_dir is not None:
+                write_record(self._record_dir, self.run_id, self.tracking_uri, self.experiment)
+            if self._supersede and self._supersede != self.run_id:
+                old = client.get_run(self._supersede)
+                if old.info.status == "RUNNING":  # its process died without closing it (kill -9)
+                    client.set_tag(old.info.run_id, "superseded_by", self.run_id)
+                    client.set_terminated(old.info.run_id, status="KILLED")
+        except Exception as err:
+            self._warn_once("run ready", f"MLflow tracking: after starting run {self.run_id}: {_short(err)}")
+        if self._node_id is not None:
+            from vlmo_large.tracking.node_metrics import start_system_metrics
+            self._monitor = start_system_metrics(self.run_id, self.tracking_uri, self._node_id)
 
     def _send(self, client: MlflowClient, op: Op) -> None:
         if op.kind == "metrics":
             client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in op.payload], synchronous=True)
         elif op.kind == "params":
-            client.log_batch(self.run_id, params=[Param(k, v) for k, v in op.payload], synchronous=True)
+            self._send_params(client, op.payload)
         elif op.kind == "tags":
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op.payload], synchronous=True)
         elif op.kind == "artifact":
@@ -220,7 +283,23 @@ class MlflowTracker(Tracker):
             else:
                 client.log_artifact(self.run_id, local, artifact_path)
         elif op.kind == "finish":
+            if self._monitor is not None:  # its last samples go before the run is closed
+                monitor, self._monitor = self._monitor, None
+                monitor.finish()
             client.set_terminated(self.run_id, status=op.payload)
+
+    def _send_params(self, client: MlflowClient, items: list[tuple[str, str]]) -> None:
+        # MLflow refuses to change a param: a continued run keeps its first value, the new one is a tag.
+        fresh = [(k, v) for k, v in items if k not in self._stored_params]
+        changed = [(f"param_changed.{k}"[:MAX_KEY_LENGTH], f"{self._stored_params[k]} -> {v}"[:MAX_TAG_LENGTH])
+                   for k, v in items if k in self._stored_params and self._stored_params[k] != v]
+        if fresh:
+            client.log_batch(self.run_id, params=[Param(k, v) for k, v in fresh], synchronous=True)
+            self._stored_params.update(fresh)
+        if changed:
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in changed], synchronous=True)
+            self._warn_once("param changed", f"MLflow tracking: run {self.run_id} continues with {len(changed)} "
+                            f"changed param(s) (first: {changed[0][0][14:]}); kept as param_changed.* tags")
 
     def _reject(self, op: Op, err: Exception) -> None:
         if op.kind == "params" and len(op.payload) > 1:
@@ -261,6 +340,11 @@ class MlflowTracker(Tracker):
             self.finish("KILLED", timeout=5.0)
 
 
+def store_uri(output_dir: str | os.PathLike, tracking_uri: str | None) -> str:
+    """The tracking URI a run logs to: `tracking_uri`, or the embedded store in `output_dir`."""
+    return tracking_uri or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
 def _is_rejection(err: Exception) -> bool:
     """A request the store answered with "no" (retrying cannot help) vs. a failure to get an answer."""
     if isinstance(err, MlflowException):
@@ -293,6 +377,10 @@ def _quiet_urllib3_retries() -> None:
 
 def _metric_key(key: str) -> str:
     return re.sub(r"[^/\w.\- :]", "_", str(key))[:250]  # mlflow's allowed name characters
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{kind}: {n}" for kind, n in counts.items())
 
 
 def _short(err: Exception) -> str:

@@ -31,7 +31,7 @@ class Outbox:
         self._ops: deque[Op] = deque()
         self._metrics = 0
         self.dropped_metrics = 0
-        self._in_flight = False  # an op taken and not yet settled: flush() must wait for it too
+        self._taken: Op | None = None  # taken and not yet settled: flush() must wait for it too
         self._cond = threading.Condition()
 
     def put(self, op: Op) -> None:
@@ -44,12 +44,12 @@ class Outbox:
     def settle(self) -> None:
         """The taken op was delivered or dropped."""
         with self._cond:
-            self._in_flight = False
+            self._taken = None
 
     def requeue(self, ops: list[Op]) -> None:
         """Give undelivered operations back, ahead of everything newer."""
         with self._cond:
-            self._in_flight = False
+            self._taken = None
             for op in reversed(ops):
                 self._ops.appendleft(op)
                 self._metrics += op.size
@@ -64,18 +64,18 @@ class Outbox:
                 self._cond.wait(timeout)
             if not self._ops:
                 return None
-            self._in_flight = True
             first = self._ops.popleft()
             self._metrics -= first.size
-            if first.kind != "metrics":
-                return first
-            merged = list(first.payload)
-            while self._ops and self._ops[0].kind == "metrics" \
-                    and len(merged) + self._ops[0].size <= METRICS_PER_REQUEST:
-                nxt = self._ops.popleft()
-                self._metrics -= nxt.size
-                merged.extend(nxt.payload)
-            return Op("metrics", merged)
+            if first.kind == "metrics":
+                merged = list(first.payload)
+                while self._ops and self._ops[0].kind == "metrics" \
+                        and len(merged) + self._ops[0].size <= METRICS_PER_REQUEST:
+                    nxt = self._ops.popleft()
+                    self._metrics -= nxt.size
+                    merged.extend(nxt.payload)
+                first = Op("metrics", merged)
+            self._taken = first
+            return first
 
     def wake(self) -> None:
         with self._cond:
@@ -93,7 +93,13 @@ class Outbox:
     @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._ops and not self._in_flight
+            return not self._ops and self._taken is None
+
+    def undelivered(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(queued, in flight): records by kind ("metric points", "params", "tags", "artifacts")
+        still queued, and those in a request sent but not answered."""
+        with self._cond:
+            return _count(self._ops), _count([self._taken] if self._taken else [])
 
     def _enforce_bound(self) -> None:
         # Drop whole records from the oldest metric op until within bound (caller holds the lock).
@@ -106,3 +112,16 @@ class Outbox:
             self.dropped_metrics += cut
             if not oldest.payload:
                 self._ops.remove(oldest)
+
+
+_NAMES = {"metrics": "metric points", "params": "params", "tags": "tags", "artifact": "artifacts"}
+
+
+def _count(ops) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op in ops:
+        if op.kind not in _NAMES:  # "finish": reported as the run's status not recorded
+            continue
+        name = _NAMES[op.kind]
+        counts[name] = counts.get(name, 0) + (len(op.payload) if op.kind in ("metrics", "params", "tags") else 1)
+    return counts
