@@ -7,6 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
+from tests.tracking.conftest import seed_store
 from vlmo_large.config import get_preset
 from vlmo_large.tracking import create_tracker
 
@@ -75,8 +76,9 @@ def test_embedded_store_in_output_dir(tmp_path, monkeypatch, caplog):
     assert tracker.health()["connected"] and tracker.health()["outages"] == 0
 
 
-def test_context_manager_marks_failed_runs_and_resume_continues_a_run(tmp_path):
+def test_context_manager_marks_failed_runs_and_resume_continues_a_run(tmp_path, store_template):
     out = tmp_path / "out"
+    seed_store(store_template, out / "mlflow.db")  # (the test above covers creating the store)
     with pytest.raises(RuntimeError):
         with create_tracker(out) as tracker:
             tracker.log_metrics({"loss": 1.0}, 0)

@@ -8,7 +8,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.tracking.conftest import free_port
+from tests.tracking.conftest import free_port, seed_store
 from vlmo_large.tracking import create_tracker
 from vlmo_large.tracking.node_metrics import NodeSystemMetrics
 from vlmo_large.tracking.run_record import RECORD_NAME, launch_token, read_record, write_record
@@ -18,8 +18,9 @@ def runs_of(client):
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_continued_run_logs_new_params_and_keeps_changed_ones_as_tags(tmp_path, caplog):
+def test_continued_run_logs_new_params_and_keeps_changed_ones_as_tags(tmp_path, caplog, store_template):
     out, ckpt = tmp_path / "out", tmp_path / "out" / "checkpoints"
+    seed_store(store_template, out / "mlflow.db")
     first = create_tracker(out, run_name="r", record_dir=ckpt)
     first.log_params({"steps": 4, "lr": 0.1})
     first.finish("KILLED")
@@ -44,7 +45,8 @@ def test_continued_run_logs_new_params_and_keeps_changed_ones_as_tags(tmp_path, 
     assert read_record(ckpt)["run_id"] == first.run_id
 
 
-def test_a_run_missing_from_the_store_is_replaced_by_a_new_one(tmp_path, caplog):
+def test_a_run_missing_from_the_store_is_replaced_by_a_new_one(tmp_path, caplog, store_template):
+    seed_store(store_template, tmp_path / "mlflow.db")
     with caplog.at_level(logging.WARNING, logger="vlmo_large.tracking"):
         tracker = create_tracker(tmp_path, run_id="0" * 32)
         tracker.log_metrics({"loss": 1.0}, 1)
@@ -55,7 +57,8 @@ def test_a_run_missing_from_the_store_is_replaced_by_a_new_one(tmp_path, caplog)
     assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 1.0}
 
 
-def test_a_fresh_run_marks_the_recorded_run_left_running_killed(tmp_path):
+def test_a_fresh_run_marks_the_recorded_run_left_running_killed(tmp_path, store_template):
+    seed_store(store_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     stale = client.create_run(client.create_experiment("vlmo_large", (tmp_path / "mlruns").as_uri())).info.run_id
@@ -68,7 +71,8 @@ def test_a_fresh_run_marks_the_recorded_run_left_running_killed(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_system_metrics_of_two_nodes_go_to_one_run(tmp_path, monkeypatch):
+def test_system_metrics_of_two_nodes_go_to_one_run(tmp_path, monkeypatch, store_template):
+    seed_store(store_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     ckpt = tmp_path / "ckpt"
     write_record(ckpt, "f" * 32, "sqlite:///elsewhere.db", "vlmo_large")  # an earlier launch's: not followed

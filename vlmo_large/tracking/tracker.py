@@ -81,8 +81,10 @@ def create_tracker(output_dir: str | os.PathLike, tracking_uri: str | None = Non
     Default store: MLflow's embedded store in `output_dir` (sqlite:///<output_dir>/mlflow.db,
     artifacts under <output_dir>/mlruns); view it with
     `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`. `tracking_uri` (http://host:port)
-    logs to a tracking server instead. `options` go to `MlflowTracker` (run_id to resume a run,
-    tags, max_buffered_metrics, retry_interval). `tracking_uri="none"` turns tracking off.
+    logs to a tracking server instead. `options` go to `MlflowTracker` (run_id to continue a run,
+    tags, max_buffered_metrics, retry_interval, record_dir to write the run id to, node_id for this
+    node's system metrics, supersede: a run to mark KILLED if still RUNNING). `tracking_uri="none"`
+    turns tracking off. A training launch uses `run_tracker.tracker_for_run`, which sets these.
     """
     if rank != 0 or (tracking_uri or "").lower() == "none":
         return Tracker()
