@@ -7,8 +7,8 @@ owns the MlflowClient and delivers in order. So:
   logged ONCE per outage, operations stay queued and are retried with backoff (1 s doubling to
   `retry_interval[1]`); metric points beyond `max_buffered_metrics` are dropped, oldest first, and
   counted (`health()["dropped_metrics"]`, and the line logged on recovery);
-- a request the store rejects (4xx: bad key, param changed on a resumed run, missing file) is
-  logged and dropped rather than retried forever;
+- a request the store rejects (4xx: bad key, missing file) is logged and dropped rather than
+  retried forever;
 - `finish()` drains: it retries at least every `DRAIN_RETRY_S` (whatever the backoff had grown to)
   until `timeout` seconds have passed, then gives up and says exactly what was not delivered;
 - a run continued on resume (`run_id=`) is set RUNNING again; params it already holds are not sent
@@ -241,7 +241,7 @@ class MlflowTracker(Tracker):
             run = client.get_run(self._resume_id)
         except MlflowException as err:
             if not _is_rejection(err):
-                raise  # unreachable: retried
+                raise  # no answer from the store: retried as an outage
             run = None
         if run is None or run.info.lifecycle_stage != "active":
             log.warning("MLflow tracking: run %s (to continue) is not in %s; logging to a new run",

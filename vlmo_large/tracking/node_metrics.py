@@ -5,7 +5,9 @@ MLflow's own `SystemMetricsMonitor` samples and logs them as system/<node_id>/<m
 other nodes `NodeSystemMetrics` waits for rank 0 to write the run id next to the checkpoints
 (run_record.py, a folder every node sees) and then starts it. Sampling every 10 s by default;
 MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (seconds) changes it. MLflow's monitor stops for good once
-the run is no longer RUNNING or the store cannot be reached.
+the run is no longer RUNNING or the store cannot be reached. Several nodes should log to a
+tracking server (`tracking_uri=http://...`): the embedded sqlite store is unsafe on a network file
+system.
 """
 from __future__ import annotations
 
