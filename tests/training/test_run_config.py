@@ -58,7 +58,7 @@ def test_missing_tokenizer_file(tmp_path):
 
 def test_yaml_and_overrides_build_a_valid_run(tmp_path):
     resolved = resolve(["optim.lr=3e-4", "batch.grad_accum=2"], {"zero_optimization": {"stage": 1}}, 2,
-                       text="preset: tiny\nschedule: {steps: 7}\nmodel: {drop_path_rate: 0.05}\n", tmp_path=tmp_path)
+                       text="preset: tiny\nschedule: {steps: 7, warmup: 2}\nmodel: {drop_path_rate: 0.05}\n", tmp_path=tmp_path)
     ds = resolved.ds_config
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
     assert ds["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.98], "eps": 1e-8, "weight_decay": 0.01}

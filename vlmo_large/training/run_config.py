@@ -123,6 +123,8 @@ class RunConfig:
 
 # -- building dataclasses from plain data, with type checks -------------------------------------
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Union:  # Optional[float] -> "float or null"
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -1,17 +1,22 @@
 """Everything about a run that can be checked before a process group exists.
 
-`resolve_run(cfg, ds_config, world_size)` returns the model config and the complete DeepSpeed
-config, or raises a `ConfigError` with one line naming the key, file or layout at fault.
+`resolve_run(cfg, ds_config, world_size, ds_path)` returns the model config and the complete
+DeepSpeed config, or raises a `ConfigError` with one line naming the key, file or layout at fault:
+value ranges, model overrides, the DeepSpeed file (deepspeed_config_check.py), layout and batch
+arithmetic, then the files (shards, tokenizer against model.vocab_size, a writable output_dir).
 """
 from __future__ import annotations
 
 import copy
 import os
+import tarfile
+import tempfile
 from dataclasses import dataclass
 
 from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.parallel.layout import validate_layout
-from vlmo_large.training.run_config import STAGES, ConfigError, RunConfig
+from vlmo_large.training.deepspeed_config_check import check_deepspeed_config
+from vlmo_large.training.run_config import DECAY_RULES, STAGES, ConfigError, RunConfig, typed_fields
 
 RUN_OWNED = ("optimizer", "scheduler")  # the run config sets these; the DeepSpeed file must not
 
@@ -44,12 +49,16 @@ def resolve_batch(cfg: RunConfig, ds: dict, dp: int) -> tuple[int, int]:
     """(micro, grad_accum) from the run config and the DeepSpeed file; they must agree."""
     ds_micro, ds_accum, ds_train = (_number(ds, k) for k in (
         "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))
+    for key, value in (("batch.micro", cfg.batch.micro), ("batch.grad_accum", cfg.batch.grad_accum)):
+        _check(value is None or value >= 1, f"{key}={value} must be at least 1")
     for run_value, ds_value, run_key, ds_key in ((cfg.batch.micro, ds_micro, "batch.micro", "train_micro_batch_size_per_gpu"),
                                                  (cfg.batch.grad_accum, ds_accum, "batch.grad_accum", "gradient_accumulation_steps")):
         _check(run_value is None or ds_value is None or run_value == ds_value,
                f"{run_key}={run_value} disagrees with {ds_key}={ds_value} of the DeepSpeed config")
     micro = cfg.batch.micro or ds_micro
     accum = cfg.batch.grad_accum or ds_accum
+    if accum is None and cfg.batch.micro is not None:
+        accum = 1  # the run config's batch stands; a train_batch_size that disagrees is reported below
     if micro is None:
         _check(ds_train is not None, "no batch size: set batch.micro (or train_micro_batch_size_per_gpu / train_batch_size)")
         accum = accum or 1
@@ -82,36 +91,98 @@ def _check_eval_files(cfg: RunConfig) -> None:
            f"eval_every={cfg.eval_every} needs eval.shards or eval.retrieval_json")
 
 
-def _check_files(cfg: RunConfig) -> None:
+def _check_first_shard_is_a_tar(paths: list[str]) -> None:
+    """The first local shard (URLs are only known once read) must open as a tar: a wrong file
+    given as the data would otherwise surface as a traceback or as every shard skipped."""
+    first = next((p for p in paths if os.path.isfile(p)), None)
+    if first is None:
+        return
+    try:
+        with tarfile.open(first, mode="r|*") as tar:  # as data/tar_reader.py reads shards
+            tar.next()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"data.shards: {first} is not a tar file ({reason})") from None
+
+
+def _check_tokenizer(path: str, model_cfg: ModelConfig) -> None:
+    from vlmo_large.data import load_tokenizer
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as exc:  # sentencepiece / HF tokenizers raise their own types for a file they cannot read
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"data.tokenizer: {path} is not a SentencePiece model or WordPiece vocab.txt "
+                          f"({message})") from None
+    _check(tokenizer.vocab_size <= model_cfg.vocab_size,
+           f"data.tokenizer: {path} has {tokenizer.vocab_size} pieces but model.vocab_size is "
+           f"{model_cfg.vocab_size} (preset '{model_cfg.name}'): set model.vocab_size={tokenizer.vocab_size} "
+           f"or more, or train the tokenizer with --vocab-size {model_cfg.vocab_size} or less")
+
+
+def _check_writable_dir(key: str, path: str) -> None:
+    """`path` is or can become a directory this process writes to. Nothing is left behind: a probe
+    directory is made and removed in `path`, or in its nearest existing parent."""
+    _check(not os.path.isfile(path), f"{key}: {path} is a file, not a directory")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    _check(os.path.isdir(parent), f"{key}: cannot create {path}: {parent} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write to {parent}: {exc.strerror}") from None
+
+
+def _check_files(cfg: RunConfig, model_cfg: ModelConfig) -> None:
     data = cfg.data
     _check(data.source in ("shards", "random"), f"data.source='{data.source}' must be 'shards' or 'random'")
     if data.source == "shards":
         _check(bool(data.shards), "data.shards is not set (a brace pattern or a list of .tar files)")
         from vlmo_large.data.shard_list import expand_shards
         try:  # a pattern naming no existing file is an error; single missing shards are the stream's to count
-            expand_shards(data.shards)
+            paths = expand_shards(data.shards)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"data.shards: {exc}") from None
         if cfg.stage != "mim":
             _check(bool(data.tokenizer), f"data.tokenizer is not set (stage '{cfg.stage}' reads text)")
             _check(os.path.exists(data.tokenizer), f"data.tokenizer: file not found: {data.tokenizer}")
+            _check_tokenizer(data.tokenizer, model_cfg)
+        _check_first_shard_is_a_tar(paths)
     _check_eval_files(cfg)
     if cfg.init is not None:
         _check(os.path.exists(cfg.init), f"init: checkpoint not found: {cfg.init}")
     if cfg.resume not in (None, "auto"):
         _check(os.path.isdir(cfg.resume), f"resume: checkpoint directory not found: {cfg.resume}")
+    _check_writable_dir("output_dir", cfg.output_dir)
+    if cfg.checkpoint.dir:
+        _check_writable_dir("checkpoint.dir", cfg.checkpoint.dir)
 
 
 def _check_ranges(cfg: RunConfig) -> None:
-    s = cfg.schedule
+    from vlmo_large.data.transforms import AUGMENTS
+
+    s, optim, data = cfg.schedule, cfg.optim, cfg.data
     for ok, message in (
         (cfg.stage in STAGES, f"stage='{cfg.stage}' must be one of {', '.join(STAGES)}"),
         (s.steps >= 1, f"schedule.steps={s.steps} must be at least 1"),
         (0 <= s.warmup, f"schedule.warmup={s.warmup} must be >= 0"),
+        (s.warmup <= s.steps, f"schedule.warmup={s.warmup} exceeds schedule.steps={s.steps}: the learning "
+                              f"rate would never reach optim.lr; set schedule.warmup to at most {s.steps}"),
         (s.decay in ("linear", "cosine"), f"schedule.decay='{s.decay}' must be 'linear' or 'cosine'"),
         (0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={s.min_lr_ratio} must lie in [0, 1]"),
-        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive"),
-        (len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}"),
+        (optim.lr > 0, f"optim.lr={optim.lr} must be positive"),
+        (len(optim.betas) == 2, f"optim.betas must have two values, got {optim.betas}"),
+        (all(0.0 <= b < 1.0 for b in optim.betas), f"optim.betas={optim.betas}: each must lie in [0, 1)"),
+        (optim.eps > 0, f"optim.eps={optim.eps} must be positive"),
+        (optim.weight_decay >= 0, f"optim.weight_decay={optim.weight_decay} must be >= 0"),
+        (optim.grad_clip >= 0, f"optim.grad_clip={optim.grad_clip} must be >= 0 (0 turns clipping off)"),
+        (optim.decay_rule in DECAY_RULES, f"optim.decay_rule='{optim.decay_rule}' must be one of "
+                                          f"{', '.join(DECAY_RULES)}"),
+        (0.0 < data.mlm_prob <= 1.0, f"data.mlm_prob={data.mlm_prob} must lie in (0, 1]"),
+        (0.0 < data.mim_ratio < 1.0, f"data.mim_ratio={data.mim_ratio} must lie in (0, 1)"),
+        (data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0 (0: load in the main process)"),
+        (data.augment in AUGMENTS, f"data.augment='{data.augment}' must be one of {', '.join(AUGMENTS)}"),
+        (data.random_distinct >= 0, f"data.random_distinct={data.random_distinct} must be >= 0"),
         (cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0"),
         (cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1"),
         (cfg.log_every >= 1, f"log_every={cfg.log_every} must be at least 1"),
@@ -120,12 +191,15 @@ def _check_ranges(cfg: RunConfig) -> None:
         _check(ok, message)
 
 
-def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int) -> ResolvedRun:
+def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
+                ds_path: str = "the DeepSpeed config") -> ResolvedRun:
     _check_ranges(cfg)
+    model_overrides = typed_fields(ModelConfig, cfg.model, "model.")  # `model.embed_dim=abc`: one line
     try:
-        model_cfg = get_preset(cfg.preset, **cfg.model)
+        model_cfg = get_preset(cfg.preset, **model_overrides)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"preset/model: {exc}") from None
+    check_deepspeed_config(ds_config, ds_path)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     _check(tp >= 1 and pp >= 1, f"parallel.tp={tp} and parallel.pp={pp} must be at least 1")
     _check(world_size % (tp * pp) == 0, f"world size {world_size} is not divisible by parallel.tp ({tp}) * "
@@ -148,7 +222,7 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int) -> ResolvedRun
     if cfg.stage == "vl":
         _check(micro * dp >= 2, f"stage 'vl' needs at least 2 samples across data-parallel ranks per step "
                f"(ITM negatives), got micro {micro} * dp {dp}")
-    _check_files(cfg)
+    _check_files(cfg, model_cfg)
     return ResolvedRun(model_cfg, complete_ds_config(cfg, ds_config, micro, accum, dp),
                        world_size, dp, micro, accum)
 
