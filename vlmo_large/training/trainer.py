@@ -2,12 +2,13 @@
 
     result = Trainer(cfg, resolved, tracker=tracker, evaluate=evaluate).run()
 
-`tracker` needs log_params(dict), log_metrics(dict, step), log_artifact(path); `evaluate` is
-called as evaluate(model, step=..., engine=...) on every rank and returns a dict of metrics.
+`tracker` needs log_metrics(dict, step) and log_artifact(path) (the launcher logs the config);
+`evaluate` is called as evaluate(model, step=..., engine=...) on every rank and returns a dict of
+metrics. Rank 0 appends each step to <output_dir>/metrics.jsonl as it goes (metrics_file.py).
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import time
 from typing import Callable, Optional
@@ -15,12 +16,15 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from vlmo_large.errors import UserError
+from vlmo_large.formats.io import CheckpointError
 from vlmo_large.model import build_model
 from vlmo_large.parallel import state
-from vlmo_large.training import checkpointing
+from vlmo_large.training import checkpointing, preemption
 from vlmo_large.training.engine import build_engine, is_zero3, model_dtype
 from vlmo_large.training.freezing import apply_stage_freezing
 from vlmo_large.training.initialization import load_init_weights
+from vlmo_large.training.metrics_file import MetricsFile
 from vlmo_large.training.objectives import DATA_KIND, LossWeights, PretrainingObjective
 from vlmo_large.training.progress import Progress
 from vlmo_large.training.random_batches import RandomBatches
@@ -64,14 +68,22 @@ def endless(loader):
             raise RuntimeError("the data loader produced no batch in a whole epoch (too few samples for the batch size?)")
 
 
-def mean_over_data_parallel(sums: dict, count: int) -> dict:
-    """Per-rank sums of `count` values each -> the global mean of every term (one all-reduce)."""
-    if not sums:
-        return {}
+def mean_over_data_parallel(sums: dict, count: int, flag: Optional[bool] = None):
+    """Per-rank sums of `count` values each -> the global mean of every term (one all-reduce).
+
+    With `flag` (this rank's yes/no) the same all-reduce also says whether any rank said yes:
+    returns (means, any_flag) instead of the means alone."""
     names = sorted(sums)
-    values = torch.stack([sums[k] for k in names]) / count
+    values = [sums[k] / count for k in names]
+    if flag is not None:
+        values.append(torch.tensor(float(flag), device=values[0].device if values else None))
+    if not values:
+        return {}
+    values = torch.stack([v.reshape(()) for v in values])
     dist.all_reduce(values, group=state.dp_group())
-    return dict(zip(names, (values / state.dp_size()).tolist()))
+    host = values.tolist()  # the one host transfer of the step
+    means = dict(zip(names, (v / state.dp_size() for v in host)))
+    return means if flag is None else (means, host[-1] > 0)
 
 
 def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
@@ -86,6 +98,8 @@ class Trainer:
         self.tracker = tracker or NullTracker()
         self.evaluate = evaluate
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.output_dir, "checkpoints")
+        self.stopped_by: Optional[str] = None  # set when a stop request (preemption.py) ended the run early
+        self._stop_vote: Optional[bool] = None  # any rank's stop request, from train_step's all-reduce
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -125,6 +139,7 @@ class Trainer:
             else:
                 self.step = restored["step"]
                 self.loader.load_state_dict(restored["data_state"])
+                self.progress_note += [f"resume: skipped {_skipped_text(s)}" for s in restored.get("skipped") or ()]
                 self.progress_note.append(f"resumed from {restored['tag']} at step {self.step}")
 
     # -- one optimizer step ---------------------------------------------------------------------
@@ -137,7 +152,20 @@ class Trainer:
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        return mean_over_data_parallel(sums, accum)
+        if state.dp_size() != dist.get_world_size():  # TP: the DP all-reduce does not reach every rank
+            return mean_over_data_parallel(sums, accum)
+        metrics, self._stop_vote = mean_over_data_parallel(sums, accum, preemption.requested() is not None)
+        return metrics
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank was asked to stop: folded into train_step's all-reduce where that one
+        spans every rank, else one all-reduce of a flag (pipeline, TP)."""
+        vote, self._stop_vote = self._stop_vote, None
+        if vote is None:
+            flag = torch.tensor([1.0 if preemption.requested() else 0.0], device=self.engine.device)
+            dist.all_reduce(flag)
+            vote = flag.item() > 0
+        return vote
 
     def _skip_counts(self) -> dict:
         """Bad samples the data pipeline skipped so far, by reason (summed over its workers)."""
@@ -148,43 +176,85 @@ class Trainer:
         return self.loader.state_dict()
 
     def save(self, extra: Optional[dict] = None) -> None:
-        checkpointing.save(self.engine, self.ckpt_dir, self.step, self._data_state(), self.cfg.checkpoint.keep,
-                           extra={"run_config": self.cfg.to_dict(), **(extra or {})})
+        previous = checkpointing.complete_tags(self.ckpt_dir)
+        try:
+            checkpointing.save(self.engine, self.ckpt_dir, self.step, self._data_state(), self.cfg.checkpoint.keep,
+                               extra={"run_config": self.cfg.to_dict(), **(extra or {})})
+        except (OSError, RuntimeError) as exc:
+            if not _is_write_failure(exc):
+                raise
+            # the tag being written has no COMPLETE marker: resume never picks it, the next save deletes it
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(f"step {self.step}: writing checkpoint {os.path.join(self.ckpt_dir, checkpointing.tag_for(self.step))} "
+                                  f"failed ({_first_line(exc)}); {kept} and --resume auto continues from it") from None
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, stop_at: Optional[int] = None) -> list[dict]:
         """Train to schedule.steps; `stop_at` ends early after that step with a checkpoint, as a job
-        whose time allocation ran out (the schedule still spans schedule.steps)."""
+        whose time allocation ran out (the schedule still spans schedule.steps). A stop request
+        (SIGTERM/SIGUSR1 once the launcher installed preemption.py's handler) ends the run the same
+        way at the next step boundary, with `stopped_by` set. A non-finite loss is a UserError
+        naming the step."""
+        started = time.perf_counter()
         self.setup()
         cfg, total = self.cfg, self.cfg.schedule.steps
         end = total if stop_at is None else min(stop_at, total)
         progress = Progress(total, self.step, self.rank == 0, cfg.log_every)
         for line in self.progress_note:
             progress.write(line)
-        if self.rank == 0:
-            self.tracker.log_params(cfg.to_dict())
-        history, batches, last_saved = [], endless(self.loader), None
-        while self.step < end:
-            start = time.perf_counter()
-            metrics = self.train_step(batches)
-            self.step += 1
-            samples_per_s = self.resolved.global_batch / (time.perf_counter() - start)
-            lr = self.engine.get_lr()[0]
-            history.append({"step": self.step, **metrics})
-            progress.update(self.step, metrics, samples_per_s, lr)
-            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == total):
-                skipped = {f"data/skipped_{k}": v for k, v in self._skip_counts().items()}
-                self.tracker.log_metrics({**metrics, **skipped, "lr": lr, "samples_per_s": samples_per_s}, self.step)
-            if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
-                self._evaluate(progress)
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+        metrics_file = MetricsFile(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step) if self.rank == 0 else None
+        history, batches, last_saved, first_step, step_time = [], endless(self.loader), None, self.step, 0.0
+        try:
+            while self.step < end:
+                start = time.perf_counter()
+                metrics = self.train_step(batches)
+                stop = self._agree_to_stop()
+                self.step += 1
+                elapsed = time.perf_counter() - start
+                step_time += elapsed
+                samples_per_s = self.resolved.global_batch / elapsed
+                lr = self.engine.get_lr()[0]
+                skipped = {f"data/skipped_{k}": v for k, v in self._skip_counts().items() if v}
+                history.append({"step": self.step, **metrics})
+                if metrics_file:
+                    metrics_file.append({"step": self.step, **metrics, **skipped})
+                self._check_finite(metrics)
+                progress.update(self.step, metrics, samples_per_s, lr, self._skip_counts())
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == total):
+                    self.tracker.log_metrics({**metrics, **skipped, "lr": lr, "samples_per_s": samples_per_s}, self.step)
+                if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._evaluate(progress)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+                    last_saved = self.step
+                if stop:
+                    self.stopped_by = preemption.requested() or "a signal to another rank"
+                    break
+            if last_saved != self.step:
                 self.save()
-                last_saved = self.step
-        if last_saved != self.step:
-            self.save()
-        progress.close()
-        self._finish(history, export=self.step == total)
+        finally:
+            if metrics_file:
+                metrics_file.close()
+            progress.close()
+        if self.stopped_by:
+            progress.write(f"stopped at step {self.step} on {self.stopped_by}: checkpoint "
+                           f"{checkpointing.tag_for(self.step)} written; continue with --resume auto")
+        trained = self.step - first_step
+        if self.rank == 0:
+            self.tracker.log_metrics({"run/total_time_s": time.perf_counter() - started,
+                                      "run/mean_samples_per_s": trained * self.resolved.global_batch / step_time
+                                      if step_time else 0.0}, self.step)
+        self._finish(export=self.step == total)
         return history
+
+    def _check_finite(self, metrics: dict) -> None:
+        """Every rank holds the same all-reduced values, so every rank stops here together."""
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            names = ", ".join(f"{k}={v}" for k, v in bad.items())
+            ckpt = checkpointing.complete_tags(self.ckpt_dir)
+            raise UserError(f"step {self.step}: non-finite loss ({names}), training diverged; lower optim.lr or "
+                            f"raise schedule.warmup" + (f" (last checkpoint: {ckpt[-1]})" if ckpt else ""))
 
     def _evaluate(self, progress: Progress) -> None:
         self.engine.eval()
@@ -198,16 +268,34 @@ class Trainer:
     def export(self, out_dir: str) -> None:
         checkpointing.export_weights(self.engine, self.model, out_dir, is_zero3(self.engine))
 
-    def _finish(self, history: list[dict], export: bool) -> None:
+    def _finish(self, export: bool) -> None:
         cfg = self.cfg
         export = export and cfg.checkpoint.export
         if export:
             self.export(os.path.join(cfg.output_dir, "export"))
         if self.rank == 0:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            path = os.path.join(cfg.output_dir, "metrics.jsonl")
-            with open(path, "a") as f:
-                f.writelines(json.dumps(h) + "\n" for h in history)
-            self.tracker.log_artifact(path)
+            self.tracker.log_artifact(os.path.join(cfg.output_dir, "metrics.jsonl"))
             if export:
                 self.tracker.log_artifact(os.path.join(cfg.output_dir, "export", "model_config.json"))
+
+
+def _skipped_text(item) -> str:
+    """One entry of checkpointing.resume's `skipped` list: a tag with its reason, in any plain shape."""
+    if isinstance(item, dict):
+        return f"{item.get('tag', '?')} ({item.get('reason', 'unreadable')})"
+    if isinstance(item, (list, tuple)) and len(item) == 2:
+        return f"{item[0]} ({item[1]})"
+    return str(item)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """OSError (ENOSPC, EDQUOT, EIO...) or torch.save's RuntimeError for a failed file write."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("write", "no space", "file", "disk quota"))
