@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vlmo_large.evaluation import chance_r_at_1, retrieval_metrics
-from vlmo_large.evaluation.retrieval import image_retrieval_ranks, text_retrieval_ranks
+from vlmo_large.evaluation.retrieval import caption_groups, image_retrieval_ranks, text_retrieval_ranks
 
 
 def hand_case():
@@ -102,3 +102,53 @@ def test_rejects_inconsistent_inputs():
         retrieval_metrics(images, texts, torch.tensor([0, 1, 2, 3, 0]))
     with pytest.raises(ValueError, match="shape"):
         retrieval_metrics(images, texts, torch.tensor([0, 1, 2]))
+
+
+def test_identical_caption_strings_are_one_gold_text():
+    """Three images all captioned "a dog" (features equal, as any encoder gives): without the strings
+    the tie puts the other images' copies ahead and R@1 is 0; with them every hit is gold."""
+    images = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.9, 0.0], [-1.0, 0.0]])
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-1.0, 0.2]])
+    strings = ["a dog", "a dog", "a dog", "a cat"]
+    gold = torch.tensor([0, 1, 2, 3])
+    assert retrieval_metrics(images, texts, gold, ks=(1,))["tr_r1"] == 0.25
+    assert retrieval_metrics(images, texts, gold, ks=(1,), texts=strings) == {"tr_r1": 1.0, "ir_r1": 1.0}
+
+
+def brute_force_by_string(image_feats, text_feats, text_to_image, strings, ks):
+    """Independent: gold texts of an image are all captions whose string is one of its captions';
+    gold images of a caption are all images with a caption of that string; rank = non-gold items
+    scoring at least the best gold one."""
+    a, b = image_feats.double().numpy(), text_feats.double().numpy()
+    sims = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    owner = text_to_image.tolist()
+    tr, ir = [], []
+    for i in range(len(a)):
+        mine = {strings[j] for j in range(len(b)) if owner[j] == i}
+        gold = [strings[j] in mine for j in range(len(b))]
+        best = max(sims[i, j] for j in range(len(b)) if gold[j])
+        tr.append(sum(1 for j in range(len(b)) if not gold[j] and sims[i, j] >= best))
+    for j in range(len(b)):
+        gold = {owner[k] for k in range(len(b)) if strings[k] == strings[j]}
+        best = max(sims[i, j] for i in gold)
+        ir.append(sum(1 for i in range(len(a)) if i not in gold and sims[i, j] >= best))
+    return {f"{n}_r{k}": float(np.mean(np.array(r) < k)) for n, r in (("tr", tr), ("ir", ir)) for k in ks}
+
+
+def test_string_gold_matches_brute_force_on_random_features():
+    gen = torch.Generator().manual_seed(5)
+    num_images, vocabulary = 13, ["a dog", "a cat", "a red car", "two birds", "a boat"]
+    text_to_image = torch.cat([torch.arange(num_images), torch.randint(0, num_images, (20,), generator=gen)])
+    strings = [vocabulary[int(i)] if int(i) < len(vocabulary) else f"unique {j}"
+               for j, i in enumerate(torch.randint(0, 9, (len(text_to_image),), generator=gen))]
+    images = torch.randn(num_images, 6, generator=gen)
+    first = {}
+    texts = torch.randn(len(strings), 6, generator=gen)
+    texts = torch.stack([texts[first.setdefault(s, j)] for j, s in enumerate(strings)])  # same string, same features
+    ks = (1, 3, 5)
+    got = retrieval_metrics(images, texts, text_to_image, ks, texts=strings)
+    assert got == pytest.approx(brute_force_by_string(images, texts, text_to_image, strings, ks))
+    groups = caption_groups(strings)
+    for ranks in (image_retrieval_ranks, text_retrieval_ranks):
+        assert torch.equal(ranks(images, texts, text_to_image, chunk=4, groups=groups),
+                           ranks(images, texts, text_to_image, groups=groups))

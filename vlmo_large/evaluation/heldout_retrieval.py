@@ -1,5 +1,7 @@
-"""Zero-shot retrieval on a held-out split written by the shard tools (images in shards, every
-caption and the gold mapping in a JSON: {"images": keys, "texts": captions, "txt2img": [...]}).
+"""Zero-shot retrieval on a held-out split (images in shards, every caption and the gold mapping in
+a JSON: {"images": keys, "texts": captions, "txt2img": [...]}), as written by
+`tools/make_shards.py pairs ... --heldout N` (or the synthetic dataset). Identical caption strings
+count as the same gold text.
 
     metrics, feats = heldout_retrieval(model, split, tokenizer, image_size=64, max_text_len=32)
 """
@@ -43,7 +45,7 @@ def heldout_retrieval(model, split: dict, tokenizer, image_size: int, max_text_l
         text_feats.append(model.itc.embed_text(model.backbone.encode_text(ids, mask)[:, 0]).float())
     image_feats, text_feats = torch.cat(image_feats), torch.cat(text_feats)
     text_to_image = torch.as_tensor(gold["txt2img"], device=image_feats.device)
-    metrics = retrieval_metrics(image_feats, text_feats, text_to_image)
+    metrics = retrieval_metrics(image_feats, text_feats, text_to_image, texts=gold["texts"])
     metrics["chance_r1"] = chance_r_at_1(len(images))
     model.train(was_training)
     return metrics, (images, image_feats, text_feats, text_to_image)

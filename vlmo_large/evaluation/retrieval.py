@@ -4,9 +4,11 @@ TR@k (text retrieval, image query): some gold caption of the image is among its 
 IR@k (image retrieval, text query): the caption's gold image is among its k best images.
 Ties count AGAINST the gold item (a candidate scoring exactly as high as the gold ranks ahead of
 it), and NaN similarities rank last, so collapsed or broken features score ~0, never 100%.
-Values are fractions in [0, 1].
+Values are fractions in [0, 1]. Given the caption strings, identical captions are one gold text.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,37 +28,63 @@ def similarities(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.T
     return torch.nan_to_num(sims, nan=float("-inf"))
 
 
-def text_retrieval_ranks(image_feats, text_feats, text_to_image, chunk: int = 1024) -> torch.Tensor:
-    """For each image, the 0-based rank of its best gold caption among all texts."""
+def caption_groups(texts: Sequence[str]) -> torch.Tensor:
+    """[M] id per caption, the same for identical strings (the index of the string's first use)."""
+    first: dict[str, int] = {}
+    return torch.tensor([first.setdefault(t, j) for j, t in enumerate(texts)], dtype=torch.long)
+
+
+def _image_has_caption(text_to_image, groups, num_images: int) -> torch.Tensor:
+    """[images, M] bool: image i has a caption identical to caption j (columns by group id)."""
+    table = torch.zeros(num_images, len(groups), dtype=torch.bool, device=text_to_image.device)
+    table[text_to_image, groups] = True
+    return table
+
+
+def text_retrieval_ranks(image_feats, text_feats, text_to_image, chunk: int = 1024,
+                         groups: torch.Tensor | None = None) -> torch.Tensor:
+    """For each image, the 0-based rank of its best gold caption among all texts. `groups`
+    (caption_groups): a caption identical to one of the image's counts as gold too."""
     text_to_image = torch.as_tensor(text_to_image, device=image_feats.device)
+    table = None if groups is None else _image_has_caption(text_to_image, groups.to(text_to_image.device),
+                                                           image_feats.shape[0])
     ranks = []
     for start in range(0, image_feats.shape[0], chunk):
         sims = similarities(image_feats[start:start + chunk], text_feats)
         ids = torch.arange(start, start + sims.shape[0], device=sims.device)
-        gold = text_to_image[None, :] == ids[:, None]
+        gold = text_to_image[None, :] == ids[:, None] if table is None else table[ids][:, groups]
         best_gold = sims.masked_fill(~gold, float("-inf")).amax(1, keepdim=True)
         ranks.append(((sims >= best_gold) & ~gold).sum(1))
     return torch.cat(ranks)
 
 
-def image_retrieval_ranks(image_feats, text_feats, text_to_image, chunk: int = 1024) -> torch.Tensor:
-    """For each caption, the 0-based rank of its gold image among all images."""
+def image_retrieval_ranks(image_feats, text_feats, text_to_image, chunk: int = 1024,
+                          groups: torch.Tensor | None = None) -> torch.Tensor:
+    """For each caption, the 0-based rank of its gold image among all images. `groups`: every image
+    with a caption identical to this one is a gold image (the best of them counts)."""
     text_to_image = torch.as_tensor(text_to_image, device=image_feats.device)
+    table = None if groups is None else _image_has_caption(text_to_image, groups.to(text_to_image.device),
+                                                           image_feats.shape[0])
     ranks = []
     for start in range(0, text_feats.shape[0], chunk):
         sims = similarities(image_feats, text_feats[start:start + chunk]).T  # [texts, images]
         gold_ids = text_to_image[start:start + chunk]
-        gold_score = sims.gather(1, gold_ids[:, None])
-        others = torch.ones_like(sims, dtype=torch.bool).scatter_(1, gold_ids[:, None], False)
-        ranks.append(((sims >= gold_score) & others).sum(1))
+        if table is None:
+            gold = torch.zeros_like(sims, dtype=torch.bool).scatter_(1, gold_ids[:, None], True)
+        else:
+            gold = table[:, groups[start:start + chunk]].T
+        best_gold = sims.masked_fill(~gold, float("-inf")).amax(1, keepdim=True)
+        ranks.append(((sims >= best_gold) & ~gold).sum(1))
     return torch.cat(ranks)
 
 
 def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_to_image,
-                      ks: tuple[int, ...] = KS) -> dict[str, float]:
+                      ks: tuple[int, ...] = KS, texts: Sequence[str] | None = None) -> dict[str, float]:
     """{"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"} for features [N, D] and [M, D];
     `text_to_image[j]` is the index of caption j's image (several captions per image allowed;
-    every image needs at least one)."""
+    every image needs at least one). `texts` (the M caption strings): an identical caption string
+    is the same gold text, whichever image it was written for (with repeated captions such as
+    "a dog", the ceiling would otherwise be far below 100%)."""
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=image_feats.device)
     num_images = image_feats.shape[0]
     if text_to_image.shape != (text_feats.shape[0],):
@@ -66,8 +94,11 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
     captioned = torch.bincount(text_to_image, minlength=num_images) > 0
     if not bool(captioned.all()):
         raise ValueError(f"{int((~captioned).sum())} image(s) have no caption; TR@k is undefined for them")
-    tr = text_retrieval_ranks(image_feats, text_feats, text_to_image)
-    ir = image_retrieval_ranks(image_feats, text_feats, text_to_image)
+    if texts is not None and len(texts) != text_feats.shape[0]:
+        raise ValueError(f"{len(texts)} caption strings for {text_feats.shape[0]} text features")
+    groups = None if texts is None else caption_groups(texts).to(image_feats.device)
+    tr = text_retrieval_ranks(image_feats, text_feats, text_to_image, groups=groups)
+    ir = image_retrieval_ranks(image_feats, text_feats, text_to_image, groups=groups)
     metrics = {}
     for name, ranks in (("tr", tr), ("ir", ir)):
         for k in ks:
