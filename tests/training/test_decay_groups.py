@@ -106,3 +106,33 @@ def test_text_embedding_dropout_follows_drop_path_rate_as_the_reference():
     embeddings = base.backbone.text_embeddings.train()
     out = embeddings(torch.randint(0, 64, (4, 16)))
     assert 0.05 < (out == 0).float().mean().item() < 0.15  # about 10% of the values dropped
+
+
+def test_trainer_and_pipeline_trainer_give_deepspeed_the_rules_groups(tmp_path):
+    """Real DeepSpeed engines as the launcher sets them up (one process; the pipeline with one
+    stage): the weight decay of every parameter in the optimizer follows optim.decay_rule."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.training.conftest import REPO
+    out = tmp_path / "decay.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MLFLOW_DISABLE_TELEMETRY="true")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "training", "decay_groups_worker.py"),
+                             str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    model_names = {n for n, _ in build_model("tiny").named_parameters()}
+    for rule, paths in results.items():
+        assert {n.removeprefix("model.") for n in paths["engine"]} == model_names
+        assert set(paths["pipeline"]) == {n for n in model_names if not n.startswith("mim_head.")}  # stage vl
+        for path, decay in paths.items():
+            for name, weight_decay in decay.items():
+                assert weight_decay == (0.05 if decays(name, rule) else 0.0), (rule, path, name)
+        assert paths["pipeline"]["backbone.blocks.0.attn.q_bias"] == 0.0
+        assert paths["pipeline"]["backbone.blocks.0.gamma_1"] == (0.05 if rule == "reference" else 0.0)
+        assert paths["engine"]["model.backbone.blocks.0.experts.text.norm.weight"] == paths["pipeline"][
+            "backbone.blocks.0.experts.text.norm.weight"] == (0.05 if rule == "reference" else 0.0)

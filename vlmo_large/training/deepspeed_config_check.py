@@ -133,7 +133,8 @@ def check_deepspeed_config(ds: dict, source: str = "the DeepSpeed config") -> No
         DeepSpeedZeroConfig(**zero)
     except pydantic.ValidationError as exc:
         if exc.errors()[0]["loc"] == ("stage",):
-            raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}") from None
+            raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, "
+                              f"got {zero['stage']!r}") from None
         raise ConfigError(f"{source}: zero_optimization.{_validation_message(exc)}") from None
     try:  # every other section as DeepSpeed will read it at initialize, where it would be a traceback
         _parse(copy.deepcopy(ds))
