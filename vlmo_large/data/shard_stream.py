@@ -67,7 +67,7 @@ class TimedReader:
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._stop = threading.Event()
         self._handle = None
-        self._buffer, self._eof = bytearray(), False
+        self._chunk, self._offset, self._eof = b"", 0, False  # the chunk being read and where
         self.delivered = 0  # bytes handed out so far
         self.error: BaseException | None = None  # the opener's or the stream's own failure
         threading.Thread(target=self._pump, name=f"shard-reader {url}", daemon=True).start()
@@ -108,22 +108,28 @@ class TimedReader:
             pass  # a killed or failed command's status: the reader has already counted the shard
 
     def read(self, size: int = -1) -> bytes:
-        while not self._eof and (size < 0 or len(self._buffer) < size):
-            try:
-                item = self._queue.get(timeout=self.timeout)
-            except queue.Empty:
-                raise ShardTimeout(f"{self.url}: no data for {self.timeout:g} s") from None
-            if isinstance(item, BaseException):
-                self.error = item
-                raise item
-            if not item:
-                self._eof = True
-            self._buffer += item
-        size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
-        out = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        self.delivered += size
+        parts, wanted = [], size
+        while not self._eof and (wanted < 0 or wanted > 0):
+            if self._offset >= len(self._chunk):
+                self._next_chunk()
+                continue
+            end = len(self._chunk) if wanted < 0 else min(len(self._chunk), self._offset + wanted)
+            parts.append(self._chunk[self._offset:end])
+            wanted -= 0 if wanted < 0 else end - self._offset
+            self._offset = end
+        out = b"".join(parts)
+        self.delivered += len(out)
         return out
+
+    def _next_chunk(self) -> None:
+        try:
+            item = self._queue.get(timeout=self.timeout)
+        except queue.Empty:
+            raise ShardTimeout(f"{self.url}: no data for {self.timeout:g} s") from None
+        if isinstance(item, BaseException):
+            self.error = item
+            raise item
+        self._chunk, self._offset, self._eof = item, 0, not item
 
     def close(self) -> None:
         self._stop.set()
