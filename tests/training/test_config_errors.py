@@ -173,3 +173,17 @@ def test_the_projects_deepspeed_configs_pass_and_known_keys_come_from_deepspeed(
     assert {"zero_optimization", "bf16", "fp16", "train_batch_size", "gradient_clipping", "optimizer",
             "activation_checkpointing", "tensorboard", "pipeline", "communication_data_type"} <= keys
     check_deepspeed_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}})  # bf16 trains on a CPU
+
+
+def test_sentencepiece_tokenizer_larger_than_the_models_vocabulary(launch, tmp_path):
+    """The tokenizer tool's own format; the issue's case: a few hundred pieces against a smaller model."""
+    from vlmo_large.data import load_tokenizer
+    from vlmo_large.data.sentencepiece_training import train_sentencepiece
+    words = [f"{a}{b}{c}" for a in "bcdfgklmnprst" for b in "aeiou" for c in "lmnrstxz"]
+    texts = [" ".join(words[(i * 7 + j * 13) % len(words)] for j in range(12)) for i in range(400)]
+    model = train_sentencepiece(texts, model_path=str(tmp_path / "tok"), vocab_size=400)
+    pieces = load_tokenizer(model).vocab_size
+    assert pieces > 256
+    line = launch("data.source=shards", f"data.shards={tar_shard(tmp_path / 'train-000.tar')}",
+                  f"data.tokenizer={model}", "model.vocab_size=256")
+    assert line.startswith(f"error: data.tokenizer: {model} has {pieces} pieces but model.vocab_size is 256 ")
