@@ -61,3 +61,16 @@ def assert_outputs_equal(got: dict, want: dict, atol: float = 1e-6) -> None:
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol, msg=name)
+
+
+LAYOUTS = ("tp1-z0", "tp2-z0", "tp1-z1", "tp2-z1", "tp1-z2", "tp2-z2", "tp1-z3", "tp2-z3", "tp1-z0-bf16")
+
+
+@pytest.fixture(scope="session")
+def every_layout(tmp_path_factory):
+    """One torchrun session (2 ranks) training one step and saving each of LAYOUTS: TP=2 or DP=2 at
+    every ZeRO stage, and bf16 at ZeRO-0 -> {layout: (checkpoint folder, probe outputs)}."""
+    root = tmp_path_factory.mktemp("layouts")
+    (root / "probe").mkdir()
+    torchrun(TRAIN, ["--layouts", ",".join(LAYOUTS), "--save", root, "--probe", root / "probe"], nproc=2)
+    return {name: (root / name, torch.load(root / "probe" / f"{name}.pt", weights_only=True)) for name in LAYOUTS}

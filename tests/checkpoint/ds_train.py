@@ -8,6 +8,10 @@ same loss curve (up to reduction order). Rank 0 writes the losses as JSON.
         [--bf16] [--losses FILE] [--resume-portable PATH] [--probe FILE]
 
 --probe writes (rank 0) `probe_outputs` of the model as saved, for comparison with conversions.
+
+    torchrun --nproc_per_node N ds_train.py --layouts tp2-z0,tp1-z3,tp1-z0-bf16 --save DIR --probe PDIR
+
+trains and saves each layout in turn in one session (1 step each; DIR/<layout>, PDIR/<layout>.pt).
 """
 import argparse
 import importlib
@@ -134,6 +138,24 @@ def train_step(engine, cfg, step: int) -> float:
     return value.item() / state.dp_size()
 
 
+def run_layouts(layouts: str, save: str, probes: str) -> None:
+    """One step and a save per layout (tp<N>-z<stage>[-bf16]), the process group kept between them."""
+    from megatron.core import parallel_state
+
+    for layout in layouts.split(","):
+        parts = layout.split("-")
+        tp, zero, bf16 = int(parts[0][2:]), int(parts[1][1:]), "bf16" in parts
+        engine, model = build_engine(tp, zero, bf16)
+        train_step(engine, model.cfg, 0)
+        engine.save_checkpoint(os.path.join(save, layout), tag="step1", client_state={"model_config": vars(model.cfg)})
+        outputs = probe_outputs(copy_of_engine_model(model, zero == 3))
+        if dist.get_rank() == 0:
+            torch.save(outputs, os.path.join(probes, f"{layout}.pt"))
+        del engine, model
+        parallel_state.destroy_model_parallel()
+        dist.barrier()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
@@ -145,8 +167,13 @@ def main() -> None:
     parser.add_argument("--losses", default=None)
     parser.add_argument("--resume-portable", default=None)
     parser.add_argument("--probe", default=None)
+    parser.add_argument("--layouts", default=None, help="several layouts in turn, e.g. tp2-z0,tp1-z3")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
+    if args.layouts:
+        run_layouts(args.layouts, args.save, args.probe)
+        from vlmo_large.parallel import state
+        return state.destroy()
 
     engine, model = build_engine(args.tp, args.zero, args.bf16)
     start = 0

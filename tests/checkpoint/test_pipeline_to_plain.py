@@ -1,5 +1,5 @@
 """`to-plain` of pipeline checkpoints written by the launcher: PP=2 ZeRO-1 fp32 (the run of
-tests/training/test_launcher_pipeline.py) and TP=2 x PP=2 ZeRO-1 bf16. The plain folder holds every
+tests/training/test_launcher_pipeline.py), PP=2 ZeRO-0 fp32 and TP=2 x PP=2 ZeRO-1 bf16. The plain folder holds every
 tensor of the preset, equal to the launcher's own export, and one process computes the same."""
 import json
 import os
@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from tests.checkpoint.conftest import assert_outputs_equal
 from tests.checkpoint.ds_train import probe_outputs
+from tests.training.conftest import REPO
 from tests.training.test_launcher_pipeline import launch, pipeline_run
 from tools.convert_checkpoint import main as convert_main
 from vlmo_large.checkpoint import PlainCheckpoint, to_plain
@@ -56,3 +57,29 @@ def test_tp2_pp2_bf16_to_plain_equals_the_export(tmp_path_factory, tmp_path):
     assert all(ours[k].dtype == torch.float32 and theirs[k].dtype == torch.bfloat16 for k in ours)
     # the fp32 master weights are what the bf16 weights were rounded from
     assert all(torch.equal(ours[k].bfloat16(), theirs[k]) for k in ours)
+
+
+def test_pp2_zero0_converts_with_its_adam_moments(tmp_path_factory, tmp_path):
+    """ZeRO-0 pipeline checkpoints store no param_shapes; their Adam moments sit in each stage's
+    torch optimizer state, named by the trainer's client_state. After one step from zero moments
+    exp_avg = (1-b1) g and exp_avg_sq = (1-b2) g^2 for every tensor the stages hold."""
+    data = pipeline_run(tmp_path_factory)["data"]
+    launch(tmp_path / "z0", data, 2, "parallel.pp=2", "schedule.steps=1",
+           ds=os.path.join(REPO, "ds_configs", "cpu_fp32_zero0.json"))
+    ckpt = str(tmp_path / "z0" / "checkpoints")
+    assert convert_main(["to-plain", ckpt, str(tmp_path / "plain")]) == 0
+    ours = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "z0" / "export" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert convert_main(["to-portable", ckpt, str(tmp_path / "portable")]) == 0
+    m, v = (PlainCheckpoint(str(tmp_path / "portable" / part)) for part in ("exp_avg", "exp_avg_sq"))
+    trained = [n for n in m.names() if m.get(n).abs().max() > 0]
+    assert len(trained) > 100  # all but the tensors no stage holds (stage vl: the MIM head)
+    from vlmo_large.checkpoint.deepspeed_reader import load_ds_file
+    states = load_ds_file(os.path.join(ckpt, "step00000001", "mp_rank_00_model_states.pt"))
+    beta1, beta2 = states["optimizer"]["param_groups"][0]["betas"]
+    for name in trained:
+        torch.testing.assert_close(v.get(name), (1 - beta2) / (1 - beta1) ** 2 * m.get(name) ** 2, rtol=1e-4,
+                                   atol=1e-12, msg=name)
+    with open(tmp_path / "portable" / "training_state.json") as f:
+        assert json.load(f)["optimizer_step"] == 1

@@ -9,7 +9,8 @@ even imported. Where a parameter lives:
     make the tensor. Adam's moments are flat the same way.
   ZeRO-3: the parameters of `param_shapes`, in order, each take ceil(numel / dp) elements of every
     rank's flat partition (zero padded at the end).
-  no ZeRO: the weights are the `module` of the model-states file.
+  no ZeRO: the weights are the `module` of the model-states file (no param_shapes); Adam's
+    moments, per parameter, are in its `optimizer` (_Zero0Optimizer).
 One set of these files exists per tensor-parallel rank (`mp_rank_XX`).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from vlmo_large.formats.io import CheckpointError
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+PARAM_NAMES = "optimizer_param_names"  # client_state: per optimizer group, its parameters' names (ZeRO-0)
 _MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -123,12 +125,16 @@ class _TPRank:
         self.states = load_ds_file(self.model_file)
         if "param_shapes" not in self.states:
             raise CheckpointError(f"{self.model_file}: no 'param_shapes' (not a DeepSpeed model-states file?)")
-        self.shapes = {n: tuple(s) for group in self.states["param_shapes"] for n, s in group.items()}
         self.module = self.states.get("module") or {}
+        buffers = set(self.states.get("buffer_names") or [])
+        # ZeRO-0 stores no param_shapes: its module holds every parameter, at full (TP-local) shape
+        self.shapes = ({n: tuple(s) for group in self.states["param_shapes"] for n, s in group.items()}
+                       if self.states["param_shapes"] else
+                       {n: tuple(t.shape) for n, t in self.module.items() if n not in buffers})
         self.optim = {dp: load_ds_file(path)["optimizer_state_dict"] for dp, path in sorted(optim_files.items())}
         self.optim_files = optim_files
         self.stage = self._stage()
-        self.dp = len(self.optim) if self.optim else 1
+        self.dp = len(self.optim) if self.optim else int(self.states.get("dp_world_size") or 1)
         expected = self._partition_count()
         if expected is not None and expected != len(optim_files):
             missing = [d for d in range(expected) if d not in optim_files]
@@ -139,6 +145,7 @@ class _TPRank:
             raise CheckpointError(f"ZeRO-3 checkpoint in {folder}: {len(model_files)} model-states files of "
                                   f"mp_rank_{mp:02d}, expected {self.dp}")
         self._index = self._build_index()
+        self.zero0 = _Zero0Optimizer(self) if self.stage == 0 else None
 
     def _stage(self) -> int:
         if not self.optim:
@@ -183,6 +190,8 @@ class _TPRank:
         return index
 
     def step(self) -> int | None:
+        if self.zero0 is not None:
+            return self.zero0.step()
         if not self.optim:
             return None
         osd = next(iter(self.optim.values()))
@@ -201,6 +210,8 @@ class _TPRank:
             return self._zero3(name, key)
         if name in self.shapes and self.stage in (1, 2):
             return self._zero12(name, key)
+        if self.zero0 is not None and (key != "fp32" or self.zero0.has_master(name)):
+            return self.zero0.tensor(name, key)
         if key != "fp32":
             raise CheckpointError(f"{self.model_file}: no optimizer state '{key}' for tensor '{name}' "
                                   f"(ZeRO stage {self.stage} checkpoint)")
@@ -241,6 +252,53 @@ class _TPRank:
             raise CheckpointError(f"{self.optim_files[dp]}: the flat partition ends inside tensor '{name}' "
                                   "(truncated or from another run?)")
         return pieces
+
+
+class _Zero0Optimizer:
+    """Adam's state (and fp32 masters under bf16/fp16) of a ZeRO-0 checkpoint: the model-states
+    file's `optimizer`, a torch state dict (or DeepSpeed's bf16/fp16 wrapper of one) whose tensors
+    are numbered per parameter group. The names of each group's parameters are the trainer's
+    client_state PARAM_NAMES; without it, one group holding every stored parameter in module order."""
+
+    def __init__(self, rank: _TPRank):
+        self.file = rank.model_file
+        osd = rank.states.get("optimizer") if isinstance(rank.states.get("optimizer"), dict) else {}
+        self.base = osd.get("optimizer_state_dict", osd)
+        self.masters = osd.get("fp32_groups")
+        groups = [list(g["params"]) for g in self.base.get("param_groups", [])]
+        names = rank.states.get(PARAM_NAMES)
+        if names is None and len(groups) == 1 and len(groups[0]) == len(rank.shapes):
+            names = [list(rank.shapes)]
+        self.where = {}  # name -> (group, position in group, torch's state id)
+        if names is not None:
+            if [len(n) for n in names] != [len(g) for g in groups]:
+                raise CheckpointError(f"{self.file}: client_state '{PARAM_NAMES}' does not match the optimizer's "
+                                      "parameter groups (a file of another run?)")
+            self.where = {name: (g, pos, ids[pos]) for g, (ids, group) in enumerate(zip(groups, names))
+                          for pos, name in enumerate(group)}
+        self.known = names is not None or not groups
+
+    def has_master(self, name: str) -> bool:
+        return self.masters is not None and name in self.where
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        if not self.known:
+            raise CheckpointError(f"{self.file}: ZeRO-0 optimizer state without the names of its parameters "
+                                  f"(client_state '{PARAM_NAMES}'); the weights convert, Adam's moments cannot")
+        if name not in self.where:
+            raise CheckpointError(f"{self.file}: no optimizer state for tensor '{name}' (frozen?)")
+        group, pos, sid = self.where[name]
+        if key == "fp32":
+            return self.masters[group][pos].float()
+        state = self.base["state"].get(sid) or self.base["state"].get(str(sid))
+        if not state or key not in state:
+            raise CheckpointError(f"{self.file}: no optimizer state '{key}' for tensor '{name}' (saved before "
+                                  "the first optimizer step?)")
+        return state[key].float()
+
+    def step(self) -> int | None:
+        slots = [v for v in self.base.get("state", {}).values() if isinstance(v, dict) and "step" in v]
+        return int(slots[0]["step"]) if slots else None
 
 
 def _optim_name(folder: str, dp: int, mp: int, present: dict[int, str]) -> str:
@@ -289,6 +347,7 @@ class DeepSpeedCheckpoint:
         return self.ranks[0].step()
 
     def describe(self) -> str:
+        zero0 = self.ranks[0].zero0
         dtype = "bf16" if any(os.path.basename(p).startswith("bf16_") for p in self.ranks[0].optim_files.values()) \
-            else "fp32/fp16"
+            else "bf16/fp16" if zero0 is not None and zero0.masters is not None else "fp32/fp16"
         return f"{self.folder}: TP={self.tp} DP={self.dp} ZeRO-{self.stage} ({dtype} training)"

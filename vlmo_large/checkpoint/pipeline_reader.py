@@ -7,7 +7,8 @@ What DeepSpeed's pipeline engine writes into a tag folder:
                                         ("LL.block.attn.qkv.weight"), client_state
     [bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt   ZeRO-1 flat fp32 partitions, as without PP
 Trainable tensors are read from the optimizer's fp32 master partitions (deepspeed_reader._TPRank
-does that part, one per MM); frozen ones and ZeRO-0 runs from the layer files. Layer LL is
+does that part, one per MM); frozen ones and ZeRO-0 runs from the layer files (ZeRO-0's Adam
+moments from the `optimizer` of each mp_rank file, by the names the trainer stored). Layer LL is
 pipeline layer LL of parallel/pipeline_module.py (0 embeddings, 1 + i block i, depth + 1 head),
 whose `plain_name` gives the VLMo name; block layers hold slices of the relative-position table,
 concatenated back in layer order. Tensors no pipeline layer of the stage holds come from the
@@ -82,6 +83,9 @@ class PipelineCheckpoint:
         # "LL.local" -> stage of every tensor the optimizer holds (the others: layer files)
         self.optimized = {name: mp // self.tp for mp, rank in enumerate(self.ranks)
                           if rank.stage in (1, 2) for name in rank.shapes}
+        # ZeRO-0: Adam's moments (and bf16's fp32 masters) per stage, by the names the trainer stored
+        self.zero0 = {name: mp // self.tp for mp, rank in enumerate(self.ranks)
+                      if rank.zero0 is not None for name in rank.zero0.where}
         self.index: dict[str, list[tuple[int, str, tuple | None]]] = {}
 
     # -- names -----------------------------------------------------------------------------------
@@ -123,6 +127,10 @@ class PipelineCheckpoint:
         name = f"{layer}.{local}"
         if name in self.optimized:
             return self.ranks[self.optimized[name] * self.tp + tp].tensor(name, key)
+        if name in self.zero0:
+            zero0 = self.ranks[self.zero0[name] * self.tp + tp].zero0
+            if key != "fp32" or zero0.has_master(name):
+                return zero0.tensor(name, key)
         if key != "fp32":
             raise CheckpointError(f"{self.folder}: no optimizer state '{key}' for '{name}' (frozen, or ZeRO-0)")
         return self._layer_state(layer, tp)[local].float()

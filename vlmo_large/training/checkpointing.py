@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vlmo_large.checkpoint.deepspeed_reader import PARAM_NAMES
 from vlmo_large.parallel import state
 from vlmo_large.parallel.sharding import gather_full_state_dict
 
@@ -109,6 +110,9 @@ def save(engine, ckpt_dir: str, step: int, data_state: Optional[dict], keep: int
     per_rank = _gather_objects({"data": data_state, "rng": rng_state()})
     client = {"step": step, "data_states": [r["data"] for r in per_rank], "rng_states": [r["rng"] for r in per_rank],
               **(extra or {})}
+    names = optimizer_param_names(engine)
+    if names is not None:
+        client[PARAM_NAMES] = names
     if _rank() == 0:  # a leftover of an interrupted save of the same step must not be mistaken for this one
         stale = os.path.join(ckpt_dir, tag)
         if os.path.isdir(stale) and not os.path.isfile(os.path.join(stale, MARKER)):
@@ -121,6 +125,19 @@ def save(engine, ckpt_dir: str, step: int, data_state: Optional[dict], keep: int
         prune(ckpt_dir, keep)
     _barrier()
     return tag
+
+
+def optimizer_param_names(engine) -> Optional[list[list[str]]]:
+    """Per optimizer group, its parameters' names, for a ZeRO-0 checkpoint, whose optimizer state
+    numbers the tensors without naming them (ZeRO-1/2/3 store DeepSpeed's param_shapes instead)."""
+    if engine.zero_optimization_stage() != 0 or engine.optimizer is None:
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    optimizer = engine.optimizer  # DeepSpeed's bf16/fp16 wrappers keep the model's tensors in *_groups
+    groups = (getattr(optimizer, "fp16_groups", None) or getattr(optimizer, "bf16_groups", None)
+              or [g["params"] for g in optimizer.param_groups])
+    found = [[names.get(id(p)) for p in group] for group in groups]
+    return None if any(n is None for group in found for n in group) else found
 
 
 def prune(ckpt_dir: str, keep: int) -> None:
