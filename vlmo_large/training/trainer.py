@@ -294,8 +294,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_write_failure(exc: BaseException) -> bool:
-    """OSError (ENOSPC, EDQUOT, EIO...) or torch.save's RuntimeError for a failed file write."""
+    """OSError (ENOSPC, EDQUOT, EIO...) or torch.save's RuntimeError for a failed file write (on a
+    full disk its zip writer reports "unexpected pos N vs M")."""
     if isinstance(exc, OSError):
         return True
     text = str(exc).lower()
-    return any(word in text for word in ("write", "no space", "file", "disk quota"))
+    return any(word in text for word in ("unexpected pos", "write", "iostream error", "no space", "disk quota"))
