@@ -145,3 +145,16 @@ def test_changed_shards_seed_or_kind_are_refused_with_one_line(synthetic, tokeni
         _loader(synthetic, tokenizer, 0, seed=8).load_state_dict(state)
     with pytest.raises(UserError, match="^resume: the worker layout changed"):
         _loader(synthetic, tokenizer, 0, world=1, workers=3).load_state_dict(state)
+
+
+def test_epoch_end_states_of_all_ranks_resume_into_the_next_epoch_under_a_new_layout(synthetic, tokenizer):
+    states = []
+    for rank in (0, 1):
+        loader = _loader(synthetic, tokenizer, rank, batch_size=8)
+        _endless(loader, 120 // 8)  # the whole epoch, stopped before the end markers are seen
+        states.append(loader.state_dict())
+    new = _loader(synthetic, tokenizer, 0, world=1, workers=3, batch_size=8)
+    new.load_state_dict(merge_loader_states(states))
+    fresh = _loader(synthetic, tokenizer, 0, world=1, workers=3, batch_size=8)
+    fresh.set_epoch(1)
+    assert _keys(_endless(new, 3)) == _keys(_endless(fresh, 3)), "epoch 1 under the new layout, exact"

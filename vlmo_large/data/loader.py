@@ -81,6 +81,7 @@ class StreamLoader:
         self._workers = {w: {"pos": 0, "done": False, "completed": []}
                          for w in range(self.stream.num_workers)}
         self._last_worker: int | None = None
+        self._restored = False  # set by load_state_dict: the position may be the epoch's very end
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` at its beginning, unless the loader already stands inside it (restored)."""
@@ -109,7 +110,8 @@ class StreamLoader:
         # A state saved after the last batch of an epoch (the workers' end markers not yet seen)
         # has nothing left of that epoch: that pass is empty, and an uninterrupted run would go on
         # with the next epoch, so the same iteration does too (an empty FRESH epoch stays empty).
-        inside = self._last_worker is not None or any(s["pos"] or s["done"] for s in self._workers.values())
+        inside = self._restored or self._last_worker is not None or any(
+            s["pos"] or s["done"] for s in self._workers.values())
         yielded = False
         for batch in self._pass():
             yielded = True
@@ -193,6 +195,7 @@ class StreamLoader:
                              for w, k in enumerate(mine)}
             self._last_worker = state["last_worker"].get(str(s.rank))
             self._skips = Counter(state["skip_counts"])
+            self._restored = True
             return
         old = [f"{r}/{w}" for r in range(state["world_size"]) for w in range(state["num_workers"])]
         if not all(k in state["workers"] for k in old):
@@ -202,6 +205,7 @@ class StreamLoader:
         order = (state["epoch_shards"] if state["epoch_shards"] is not None
                  else epoch_shard_order(s.shards, s.seed, state["epoch"], s.shuffle))
         self._reset_epoch(state["epoch"], [p for p in order if p not in done])
+        self._restored = True
         # every rank receives the merged counts; report them once, from rank 0
         self._skips = Counter(state["skip_counts"]) if s.rank == 0 else Counter()
 
