@@ -28,6 +28,9 @@ Restore:
   order) are dealt round-robin to the new workers and read from their start, so samples of shards
   that were partly delivered at save time are seen a second time. Later epochs are exact again.
 - A single rank's state for a changed layout is refused (the other ranks' progress is unknown).
+- A state saved right after the last batch of an epoch continues, in the same iteration, with
+  the next epoch's batches (the rest of the saved epoch is empty).
+- Another kind, seed or shard list is refused with a one-line UserError naming what changed.
 """
 from __future__ import annotations
 
@@ -182,12 +185,12 @@ class StreamLoader:
         if state.get("version") != STATE_VERSION:
             raise UserError(f"resume: the checkpoint's data state has version {state.get('version')!r}, "
                             f"this code reads version {STATE_VERSION}")
-        now = {"kind": s.processor.kind, "seed": s.seed, "shards": _fingerprint(s.shards)}
-        for key, mine in now.items():
-            if state[key] != mine:
+        now = {"kind": s.processor.kind, "seed": s.seed, "shards": _fingerprint(s.shards), "num_shards": len(s.shards)}
+        for key in _WHAT_CHANGED:
+            if state[key] != now[key]:
                 raise UserError(f"resume: the data {_WHAT_CHANGED[key]} changed since the checkpoint "
-                                f"({_describe(state, key)} then, {_describe({**now, 'num_shards': len(s.shards)}, key)} "
-                                "now); resume with the same data settings or start a new run with --init")
+                                f"({_describe(state, key)} then, {_describe(now, key)} now); resume with the "
+                                "same data settings or start a new run with --init")
         mine = [f"{s.rank}/{w}" for w in range(s.num_workers)]
         if {k: state[k] for k in self._layout()} == self._layout() and all(k in state["workers"] for k in mine):
             self._reset_epoch(state["epoch"], state["epoch_shards"])
