@@ -1,5 +1,4 @@
 """The pairs tool on bad tables (skip, count, say where), table metadata, and held-out splits."""
-import io
 import json
 import os
 

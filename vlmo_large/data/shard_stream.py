@@ -82,7 +82,8 @@ class TimedReader:
 
     def _pump(self) -> None:
         try:
-            self._handle = gopen(self.url, "rb")
+            # local paths: plain open (webdataset's gopen refuses them when WDS_SECURE is set)
+            self._handle = gopen(self.url, "rb") if is_url(self.url) else open(self.url, "rb")
             while not self._stop.is_set():
                 data = self._handle.read(CHUNK)
                 if not data:
