@@ -112,6 +112,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_auto_continues_exactly(
     rc, log = first.finish()
     assert rc == 0, log[-3000:]
     assert "threads: 1 torch threads per rank (--threads)" in log
+    assert "\r" not in log  # a pipe: plain progress lines, no redrawn bar
     stop = stopped_step(log, "SIGTERM")
     assert 2 <= stop < 1000
     tag = out / "checkpoints" / f"step{stop:08d}"
@@ -141,10 +142,17 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_auto_continues_exactly(
 
 
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    out = tmp_path / "run"
-    launch = Launch(launcher_args(out, "schedule.steps=1000", "tracking_uri=none",
-                                  ds=os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")), torchrun=2)
+    out, zero1 = tmp_path / "run", os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")
+    launch = Launch(launcher_args(out, "schedule.steps=1000", "tracking_uri=none", ds=zero1), torchrun=2)
     launch.wait_for(r"^step 1/1000 ")
+
+    # a second 2-rank run into the busy folder: rank 0 finds the lock taken, both ranks exit 2, one line
+    refused = Launch(launcher_args(out, "schedule.steps=1000", "tracking_uri=none", ds=zero1), torchrun=2)
+    rc, log = refused.finish()
+    assert rc != 0 and len(re.findall(r"exitcode\s*:\s*2", log)) == 2, log[-3000:]  # torchrun's report per rank
+    errors = [line for line in log.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: output_dir {out} is in use by another run (pid "), log
+    assert launch.proc.poll() is None  # the first run trains on
     ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launch.proc.pid).children(recursive=True)
              if "pretrain.py" in " ".join(p.cmdline())}
     assert set(ranks) == {0, 1}
@@ -162,8 +170,11 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 # -- item 8b: divergence ------------------------------------------------------------------------------
 def test_divergence_stops_with_one_line_naming_the_first_non_finite_step(tmp_path):
     out = tmp_path / "run"
-    result = run(launcher_args(out, "schedule.steps=30", "optim.lr=10000", "tracking_uri=none"))
+    result = run(launcher_args(out, "schedule.steps=30", "optim.lr=10000"))
     assert result.returncode == 2, result.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    (tracked,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert tracked.info.status == "FAILED"
     history = metrics(out)
     first_bad = next(m["step"] for m in history if not math.isfinite(m["loss"]))
     assert history[-1]["step"] == first_bad and all(math.isfinite(m["loss"]) for m in history[:-1])

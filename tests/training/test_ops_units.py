@@ -120,3 +120,16 @@ def test_output_lock_dies_with_its_process(tmp_path):
         OutputLock(str(tmp_path)).acquire()
     finally:
         holder.kill()
+
+
+def test_loader_workers_run_one_thread_whatever_the_rank_chose():
+    # the launcher leaves this to torch's worker loop (set_num_threads(1)); the data loader's workers
+    # are torch DataLoader workers, so this holds for them
+    probe = ("from vlmo_large.cpu_threads import apply_threads; import torch; apply_threads(2)\n"
+             "class Threads(torch.utils.data.Dataset):\n"
+             "    def __len__(self): return 2\n"
+             "    def __getitem__(self, i): return torch.get_num_threads()\n"
+             "print(torch.get_num_threads(), *torch.utils.data.DataLoader(Threads(), num_workers=1, batch_size=None))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=REPO), timeout=120, check=True)
+    assert out.stdout.split() == ["2", "1", "1"]
