@@ -142,3 +142,34 @@ def test_itm_pairs_can_skip_candidates_with_the_positives_text():
             assert hits == 0
         else:
             assert hits > 1000, "without the option the identical caption is drawn nearly always"
+
+
+def test_the_config_switch_reaches_the_vl_objective(monkeypatch):
+    from tests.training.common import run_config
+    from vlmo_large.training import objectives
+    assert run_config("/tmp/x").loss.itm_skip_identical_text is False, "off by default"
+    cfg = run_config("/tmp/x", **{"loss.itm_skip_identical_text": True})
+    model = build_model("tiny")
+    B, T = 4, 8
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (B, T), generator=gen)
+    ids[1] = ids[0]  # texts 0 and 1 are the same caption
+    batch = {"image": torch.randn(B, 3, 64, 64, generator=gen), "text_ids": ids, "text_mask": torch.ones(B, T, dtype=torch.long),
+             "mlm_ids": ids.clone(), "mlm_labels": torch.full((B, T), -100)}
+    drawn = []
+    real = objectives.itm_pairs
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        drawn.append((int(out["image_for_text"][0]), int(out["text_for_image"][0])))
+        return out
+
+    monkeypatch.setattr(objectives, "itm_pairs", recording)
+    for skip in (cfg.loss.itm_skip_identical_text, False):
+        drawn.clear()
+        objective = objectives.PretrainingObjective(model, "vl", seed=1, itm_skip_identical_text=skip)
+        with torch.no_grad():
+            for step in range(12):
+                objective(batch, step)
+        picked_identical = sum(1 in pair for pair in drawn)
+        assert (picked_identical == 0) if skip else (picked_identical > 0)

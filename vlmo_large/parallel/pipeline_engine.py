@@ -63,8 +63,9 @@ class PipelineStep:
     """Runs pretraining steps on a pipeline engine. Micro-batches are dicts with the data loader's
     keys (image, text_ids, text_mask, mlm_ids, mlm_labels, mim_mask [B, N][, mim_targets])."""
 
-    def __init__(self, engine, seed: int = 0):
+    def __init__(self, engine, seed: int = 0, itm_skip_identical_text: bool = False):
         self.engine, self.pipe, self.seed = engine, engine.module, seed
+        self.itm_skip_identical_text = itm_skip_identical_text
         self.first, self.last = engine.is_first_stage(), engine.is_last_stage()
         self.dtype = model_dtype(engine)
 
@@ -107,7 +108,7 @@ class PipelineStep:
                 # PretrainingObjective's seed for this step and data-parallel rank
                 generator = torch.Generator(device=mb["image"].device)
                 generator.manual_seed((self.seed * 1_000_003 + step) * 4099 + state.dp_rank())
-                pairs = itm_pairs(mb, i2t, t2i, group, generator)
+                pairs = itm_pairs(mb, i2t, t2i, group, generator, self.itm_skip_identical_text)
                 inputs = (mb["image"], mb["text_ids"], mb["text_mask"],
                           torch.cat([mb["mlm_ids"], pairs["text_ids"]]),
                           torch.cat([mb["text_mask"], pairs["text_mask"]]),

@@ -70,7 +70,8 @@ class PipelineTrainer(Trainer):
             weights=full, weight_decay=cfg.optim.weight_decay, decay_rule=cfg.optim.decay_rule,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)))
         self.engine.module.loss_fn.weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
-        self.runner = PipelineStep(self.engine, seed=cfg.seed)
+        self.runner = PipelineStep(self.engine, seed=cfg.seed,
+                                   itm_skip_identical_text=cfg.loss.itm_skip_identical_text)
         held = held_names(self.engine.module)
         dtype = model_dtype(self.engine)
         self.outside = {k: v.to(dtype) for k, v in full.items() if k not in held} if self.rank == 0 else {}

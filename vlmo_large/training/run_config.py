@@ -78,6 +78,9 @@ class LossConfig:
     itc: float = 1.0
     itm: float = 1.0
     mlm: float = 0.25
+    # ITM hard negatives: never draw a candidate whose caption (token ids) is identical to the
+    # positive's, a false negative with repeated captions; off = the reference's sampling
+    itm_skip_identical_text: bool = False
 
 
 @dataclass

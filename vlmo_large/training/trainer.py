@@ -108,7 +108,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.build_model()
         weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
-        self.objective = PretrainingObjective(self.model, cfg.stage, weights, state.dp_group(), cfg.seed)
+        self.objective = PretrainingObjective(self.model, cfg.stage, weights, state.dp_group(), cfg.seed,
+                                              cfg.loss.itm_skip_identical_text)
         self.engine = build_engine(self.objective, self.resolved, cfg)
         self.restore()
 
