@@ -76,7 +76,7 @@ def train(args: argparse.Namespace) -> int:
     apply_threads(threads)
     from vlmo_large.cpu_memory import retain_freed_memory_on_cpu
     retain_freed_memory_on_cpu()
-    lock = lock_output_dir(cfg.output_dir)  # noqa: F841 (held until the process ends)
+    lock = lock_output_dir(cfg.output_dir)  # noqa: F841 (held until this function returns)
     if os.environ.get("RANK", "0") == "0":
         print(f"threads: {threads} torch threads per rank ({why}); set OMP_NUM_THREADS or --threads to change",
               flush=True)

@@ -107,7 +107,7 @@ def test_output_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 
 def test_output_lock_dies_with_its_process(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import os, sys; from vlmo_large.training.output_lock import "
-                               f"OutputLock; OutputLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+                               f"OutputLock; lock = OutputLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); "
                                "sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
                               env=dict(os.environ, PYTHONPATH=REPO))
@@ -133,3 +133,8 @@ def test_loader_workers_run_one_thread_whatever_the_rank_chose():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
                          env=dict(os.environ, PYTHONPATH=REPO), timeout=120, check=True)
     assert out.stdout.split() == ["2", "1", "1"]
+
+
+def test_output_lock_is_released_with_its_object(tmp_path):
+    OutputLock(str(tmp_path)).acquire()  # dropped at once, as the launcher's lock when main() returns in-process
+    OutputLock(str(tmp_path)).acquire()

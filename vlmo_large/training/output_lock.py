@@ -8,7 +8,7 @@ pid and host, for the refusal message.
     lock = OutputLock(cfg.output_dir)
     lock.acquire()          # UserError naming the folder and the holder when another run has it
     ...
-    lock.release()          # or leave it to process exit
+    lock.release()          # or leave it to the object's end or the process's
 """
 from __future__ import annotations
 
@@ -45,3 +45,5 @@ class OutputLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+    __del__ = release  # a run started in-process (launchers/demo.py) frees the folder when it returns
