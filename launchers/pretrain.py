@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per rank (default: OMP_NUM_THREADS, else usable cores / ranks on this host)")
+                        help="torch threads per rank (default: OMP_NUM_THREADS, else usable cores / ranks on the host)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. schedule.steps=100 optim.lr=1e-4")
     return parser.parse_args(argv)
 

@@ -2,7 +2,6 @@
 (a real full disk when a tmpfs can be mounted here, else torch's own write error) is one line and
 leaves the folder resumable; skip counts reach metrics.jsonl and the console; run totals are logged."""
 import json
-import os
 import subprocess
 
 import pytest

@@ -106,9 +106,9 @@ def test_output_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 
 
 def test_output_lock_dies_with_its_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys; from vlmo_large.training.output_lock import "
-                               f"OutputLock; lock = OutputLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); "
-                               "sys.stdin.read()"],
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vlmo_large.training.output_lock import "
+                               f"OutputLock; lock = OutputLock({str(tmp_path)!r}); lock.acquire(); "
+                               "print('held', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
                               env=dict(os.environ, PYTHONPATH=REPO))
     try:

@@ -186,8 +186,9 @@ class Trainer:
                 raise
             # the tag being written has no COMPLETE marker: resume never picks it, the next save deletes it
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-            raise CheckpointError(f"step {self.step}: writing checkpoint {os.path.join(self.ckpt_dir, checkpointing.tag_for(self.step))} "
-                                  f"failed ({_first_line(exc)}); {kept} and --resume auto continues from it") from None
+            folder = os.path.join(self.ckpt_dir, checkpointing.tag_for(self.step))
+            raise CheckpointError(f"step {self.step}: writing checkpoint {folder} failed ({_first_line(exc)}); "
+                                  f"{kept} and --resume auto continues from it") from None
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, stop_at: Optional[int] = None) -> list[dict]:
@@ -203,7 +204,8 @@ class Trainer:
         progress = Progress(total, self.step, self.rank == 0, cfg.log_every)
         for line in self.progress_note:
             progress.write(line)
-        metrics_file = MetricsFile(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step) if self.rank == 0 else None
+        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        metrics_file = MetricsFile(metrics_path, self.step) if self.rank == 0 else None
         history, batches, last_saved, first_step, step_time = [], endless(self.loader), None, self.step, 0.0
         try:
             while self.step < end:
@@ -222,7 +224,8 @@ class Trainer:
                 self._check_finite(metrics)
                 progress.update(self.step, metrics, samples_per_s, lr, self._skip_counts())
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == total):
-                    self.tracker.log_metrics({**metrics, **skipped, "lr": lr, "samples_per_s": samples_per_s}, self.step)
+                    self.tracker.log_metrics({**metrics, **skipped, "lr": lr, "samples_per_s": samples_per_s},
+                                             self.step)
                 if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
                     self._evaluate(progress)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
