@@ -46,3 +46,29 @@ def test_every_source_gives_the_trained_weights(trained, source):
 def test_a_path_that_is_no_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=str(tmp_path)):
         load_init_weights(build_model("tiny"), str(tmp_path))
+
+
+@pytest.mark.parametrize("case", ["manifest", "reference_names", "corrupt_latest", "bad_config"])
+def test_every_init_problem_is_a_checkpoint_error(tmp_path, case):
+    """Each is one CheckpointError naming the path (the launcher prints it as one line, exit 2)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from vlmo_large.formats.reference import to_reference
+
+    folder = tmp_path / case
+    folder.mkdir()
+    if case == "manifest":  # a sharded folder whose manifest lacks keys (was a KeyError)
+        (folder / "sharded.json").write_text(json.dumps({"stage_of": {}}))
+    elif case == "reference_names":  # loaded nothing at all, silently
+        state = to_reference({k: v.contiguous() for k, v in build_model("tiny").state_dict().items()})
+        save_file(state, str(folder / "model.safetensors"))
+    elif case == "corrupt_latest":  # a DeepSpeed dir whose `latest` names no tag
+        (folder / "latest").write_text("step00000009")
+    else:  # a plain folder whose config.json is not JSON
+        save_file({k: v.contiguous() for k, v in build_model("tiny").state_dict().items()},
+                  str(folder / "model.safetensors"))
+        (folder / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=str(folder)):
+        load_init_weights(build_model("tiny"), str(folder))

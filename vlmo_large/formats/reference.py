@@ -85,6 +85,11 @@ def _rename(name: str, rules) -> str | None:
     return None
 
 
+def our_name(reference_name: str) -> str | None:
+    """This project's name of a reference tensor name (None if it is not one)."""
+    return _rename(reference_name, _FROM_REF)
+
+
 def to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This project's plain state dict -> reference names. Project-only tensors (MIM head) are dropped."""
     out = {}

@@ -23,7 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vlmo_large.checkpoint import safe_engine
 from vlmo_large.checkpoint.deepspeed_reader import PARAM_NAMES
+from vlmo_large.checkpoint.portable import STATE_FILE
+from vlmo_large.checkpoint.resume_checks import current_layout, describe, refuse_layout_change, tag_problem
+from vlmo_large.errors import UserError
+from vlmo_large.formats.io import CheckpointError
 from vlmo_large.parallel import state
 from vlmo_large.parallel.sharding import gather_full_state_dict
 
@@ -110,6 +115,7 @@ def save(engine, ckpt_dir: str, step: int, data_state: Optional[dict], keep: int
     per_rank = _gather_objects({"data": data_state, "rng": rng_state()})
     client = {"step": step, "data_states": [r["data"] for r in per_rank], "rng_states": [r["rng"] for r in per_rank],
               **(extra or {})}
+    layout = current_layout(engine)  # read by a resume before DeepSpeed touches the files
     names = optimizer_param_names(engine)
     if names is not None:
         client[PARAM_NAMES] = names
@@ -120,7 +126,7 @@ def save(engine, ckpt_dir: str, step: int, data_state: Optional[dict], keep: int
     _barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client, save_latest=False)  # ends in a barrier
     if _rank() == 0:
-        _write_atomic(os.path.join(ckpt_dir, tag, MARKER), json.dumps({"step": step}))
+        _write_atomic(os.path.join(ckpt_dir, tag, MARKER), json.dumps({"step": step, "layout": layout}))
         _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
         prune(ckpt_dir, keep)
     _barrier()
@@ -149,20 +155,92 @@ def prune(ckpt_dir: str, keep: int) -> None:
 
 
 def resume(engine, path: str) -> Optional[dict]:
-    """Load the newest complete checkpoint under `path` into the engine and restore this rank's
-    RNG states. Returns {"step", "data_state", "tag"} or None when there is nothing to resume."""
-    found = find_resume_tag(path)
-    if found is None:
+    """Load the newest usable complete checkpoint under `path` (a checkpoint dir, one tag, or a
+    `to-portable` folder) into the engine and restore this rank's RNG states.
+
+    Returns None when there is nothing to resume, else {"step", "data_state" (this rank's, merged
+    over all saved ranks when the DP size changed), "data_states", "tag", "skipped": [(tag, reason)]
+    of newer complete checkpoints that could not be loaded, "notes": lines for the console}.
+    Files are read weights-only (a file holding code is refused, never fallen back from); a layout
+    DeepSpeed cannot load across is one UserError naming the `to-portable` route."""
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return _resume_portable(engine, path)
+    candidates = _candidates(path)
+    if not candidates:
         return None
-    ckpt_dir, tag = found
-    loaded, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-    if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
+    safe_engine.install(engine)
+    skipped = []
+    for ckpt_dir, tag in candidates:
+        saved = refuse_layout_change(ckpt_dir, tag, engine)  # the same for every tag: no fallback
+        reason = tag_problem(os.path.join(ckpt_dir, tag))
+        client = None
+        if reason is None:
+            reason, client = _load(engine, ckpt_dir, tag)
+        if reason is None:
+            break
+        skipped.append((tag, reason))
+    else:
+        raise CheckpointError(f"resume: no usable complete checkpoint in {candidates[0][0]}: "
+                              + "; ".join(f"{t}: {r}" for t, r in skipped))
     _reapply_scheduled_lr(engine)
-    rank = _rank()
-    set_rng_state(client["rng_states"][rank])
-    return {"step": client["step"], "data_state": client["data_states"][rank],
-            "data_states": client["data_states"], "tag": tag}
+    rank, saved_ranks = _rank(), len(client["rng_states"])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    notes = [f"resume: skipped {t} ({r})" for t, r in skipped]
+    if saved_ranks == world:
+        set_rng_state(client["rng_states"][rank])
+        data_state = client["data_states"][rank]
+    else:  # a ZeRO-0 checkpoint on another DP size: the loader re-deals the epoch's unread shards
+        from vlmo_large.data.loader import merge_loader_states
+        data_state = merge_loader_states(client["data_states"])
+        notes.append(f"resume: {tag} was saved by {saved_ranks} ranks ({describe(saved)}), this run has {world}; "
+                     "weights and optimizer state restored, the data position at shard granularity, RNG states not")
+    return {"step": client["step"], "data_state": data_state, "data_states": client["data_states"], "tag": tag,
+            "skipped": skipped, "notes": notes}
+
+
+def _candidates(path: str) -> list[tuple[str, str]]:
+    """(checkpoint dir, tag) to try, newest first: one given tag, or every complete one."""
+    path = os.path.normpath(path)
+    if TAG.match(os.path.basename(path)):
+        found = find_resume_tag(path)
+        return [found] if found else []
+    return [(path, tag) for tag in reversed(complete_tags(path))]
+
+
+def _load(engine, ckpt_dir: str, tag: str) -> tuple[Optional[str], Optional[dict]]:
+    """engine.load_checkpoint; -> (None, client_state), or (why it failed on some rank, None).
+    Every rank learns every rank's outcome, so all of them fall back together."""
+    reason, client = None, None
+    try:
+        loaded, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+        if loaded is None:
+            reason = "DeepSpeed found nothing to load"
+    except safe_engine.UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # a file DeepSpeed reads is corrupt in a way the cheap checks missed
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    reasons = [r for r in _gather_objects(reason) if r is not None]
+    return (reasons[0], None) if reasons else (None, client)
+
+
+def _resume_portable(engine, path: str) -> dict:
+    """A `to-portable` folder: weights and Adam moments set on this run's layout."""
+    from vlmo_large.checkpoint.portable import load_portable
+    from vlmo_large.data.loader import merge_loader_states
+
+    if current_layout(engine)["pp"] > 1:
+        raise UserError(f"resume: {path} is a portable checkpoint; resuming a pipeline (parallel.pp > 1) run from "
+                        "one is not supported")
+    training = load_portable(engine, path)
+    client = training.get("client_state") or {}
+    if "step" not in client or not client.get("data_states"):
+        raise CheckpointError(f"{os.path.join(path, STATE_FILE)}: no trainer state (step, data_states); resume "
+                              "needs a portable copy of a checkpoint the trainer wrote")
+    _reapply_scheduled_lr(engine)
+    return {"step": client["step"], "data_state": merge_loader_states(client["data_states"]),
+            "data_states": client["data_states"], "tag": path, "skipped": [],
+            "notes": [f"resume: from the portable checkpoint {path} ({training.get('source')}): weights and Adam "
+                      "moments on this layout, the data position at shard granularity, RNG states not restored"]}
 
 
 def _reapply_scheduled_lr(engine) -> None:

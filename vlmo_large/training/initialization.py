@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from vlmo_large.errors import UserError
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
 from vlmo_large.parallel import state
 from vlmo_large.parallel.sharding import local_state_dict
@@ -44,7 +45,27 @@ def read_full_weights(path: str, preset: str | None = None) -> dict:
 
 
 def load_init_weights(model, path: str) -> LoadReport:
-    """Copy matching tensors into `model` (this TP rank's slices); returns what matched."""
+    """Copy matching tensors into `model` (this TP rank's slices); returns what matched.
+
+    Every problem with `path` is a CheckpointError naming it (the launcher prints one line)."""
+    try:
+        report = _load_init_weights(model, path)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"--init {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+            from None
+    from vlmo_large.formats.reference import our_name
+    renamed = [n for n in report.unexpected if our_name(n) in report.missing]
+    if renamed or not report.loaded:
+        raise CheckpointError(f"--init {path}: " + (f"tensor '{renamed[0]}' (and {len(renamed) - 1} more) uses the "
+                              "reference's names; convert it with `tools/convert_checkpoint.py import-reference`"
+                              if renamed else f"none of its tensors is one of the model's (first: "
+                              f"'{(report.unexpected or ['-'])[0]}')"))
+    return report
+
+
+def _load_init_weights(model, path: str) -> LoadReport:
     sharded = os.path.isfile(os.path.join(path, "sharded.json")) if os.path.isdir(path) else False
     if sharded:
         from vlmo_large.checkpoint import load_sharded_plain

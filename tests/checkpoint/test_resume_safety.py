@@ -1,0 +1,119 @@
+"""`--resume` through the launcher (real processes, tiny, ZeRO-0 as README's CPU config and
+ZeRO-1 at DP=2): files are read weights-only (a pickled payload is refused, never run), a newest
+checkpoint with a broken model file falls back to the previous one, a ZeRO-0 checkpoint resumes
+on another number of ranks, and a ZeRO-1 DP=2 checkpoint at DP=1 is one line naming `to-portable`,
+whose output then resumes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.training.conftest import REPO, dataset  # noqa: F401  (the shared synthetic shards)
+from tools.convert_checkpoint import main as convert
+from vlmo_large.checkpoint.safe_engine import load_weights_only
+
+LAUNCHER = os.path.join(REPO, "launchers", "pretrain.py")
+
+
+def launch(out, data: dict, nproc: int, *extra, zero: int = 0, steps: int = 4) -> subprocess.CompletedProcess:
+    """One rank as a plain process (torchrun would add its own traceback to a refusal), else torchrun."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MLFLOW_DISABLE_TELEMETRY="true")
+    runner = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *runner, LAUNCHER,
+           "--ds_config", os.path.join(REPO, "ds_configs", f"cpu_fp32_zero{zero}.json"), "preset=tiny", "stage=vl",
+           f"output_dir={out}", f"data.shards={data['image_text']['train']}", f"data.tokenizer={data['tokenizer']}",
+           "batch.micro=4", f"schedule.steps={steps}", "schedule.warmup=1", "checkpoint.every=2",
+           "checkpoint.keep=2", "log_every=1", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+
+
+def ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def history(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"step"' in line]
+
+
+def user_error(result: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line of a refused run (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "Traceback" not in result.stderr, result.stderr[-5000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tmp_path_factory, dataset):  # noqa: F811
+    """One rank, ZeRO-0, 4 steps, checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("zero0") / "run"
+    ok(launch(out, dataset, 1))
+    return out
+
+
+def copy_run(run, to):
+    shutil.copytree(run / "checkpoints", to / "checkpoints")
+    return to / "checkpoints"
+
+
+def test_a_pickled_payload_is_refused_not_run(zero0_run, dataset, tmp_path):  # noqa: F811
+    ckpt = copy_run(zero0_run, tmp_path)
+    victim = ckpt / "step00000004" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    states = load_weights_only(str(victim))  # the client state (RNG as lists, tuples) loads weights-only
+    assert isinstance(states["rng_states"][0]["python"], tuple)
+    torch.save({**states, "extra": Payload()}, victim)
+    line = user_error(launch(tmp_path, dataset, 1, "--resume", "auto"))
+    assert str(victim) in line and "refused (unpickling it would call exec)" in line
+    assert not marker.exists()
+
+
+def test_a_broken_newest_checkpoint_falls_back_to_the_previous(zero0_run, dataset, tmp_path):  # noqa: F811
+    ckpt = copy_run(zero0_run, tmp_path)
+    victim = ckpt / "step00000004" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    ok(launch(tmp_path, dataset, 1, "--resume", "auto"))
+    full, resumed = history(zero0_run), history(tmp_path)
+    assert [h["step"] for h in resumed] == [3, 4]  # from step 2
+    for a, b in zip(full[2:], resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+    # nothing usable: one line naming the folder
+    os.remove(ckpt / "step00000002" / "mp_rank_00_model_states.pt")
+    os.remove(ckpt / "step00000004" / "mp_rank_00_model_states.pt")  # (the run re-saved step 4)
+    line = user_error(launch(tmp_path, dataset, 1, "--resume", "auto"))
+    assert f"no usable complete checkpoint in {ckpt}" in line and "missing file mp_rank_00" in line
+
+
+def test_a_zero0_checkpoint_resumes_on_two_ranks(zero0_run, dataset, tmp_path):  # noqa: F811
+    """DeepSpeed loads ZeRO-0 at any DP size (was: IndexError on rank 1 for its RNG state)."""
+    copy_run(zero0_run, tmp_path)
+    ok(launch(tmp_path, dataset, 2, "--resume", "auto"))  # at step 4 of 4: restores, exports, trains nothing
+    ours = load_file(str(tmp_path / "export" / "model.safetensors"))
+    theirs = load_file(str(zero0_run / "export" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_dp2_zero1_checkpoint_at_dp1_names_the_portable_route(dataset, tmp_path):  # noqa: F811
+    ok(launch(tmp_path / "dp2", dataset, 2, zero=1, steps=2))
+    ckpt = tmp_path / "dp2" / "checkpoints"
+    line = user_error(launch(tmp_path / "dp2", dataset, 1, "--resume", "auto", zero=1))
+    assert "layout changed" in line and "TP=1 PP=1 DP=2 ZeRO-1" in line and "TP=1 PP=1 DP=1 ZeRO-1" in line
+    assert f"to-portable {ckpt} PORTABLE --tag step00000002" in line
+    # the route: to-portable, then resume from it on one rank
+    assert convert(["to-portable", str(ckpt), str(tmp_path / "portable"), "--tag", "step00000002"]) == 0
+    ok(launch(tmp_path / "one", dataset, 1, "--resume", str(tmp_path / "portable"), zero=1))
+    steps = history(tmp_path / "one")
+    assert [h["step"] for h in steps] == [3, 4]
+    assert all(h["loss"] == h["loss"] and h["loss"] < 20 for h in steps)
