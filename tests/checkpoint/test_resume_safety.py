@@ -84,7 +84,9 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_previous(zero0_run, datase
     ckpt = copy_run(zero0_run, tmp_path)
     victim = ckpt / "step00000004" / "mp_rank_00_model_states.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    ok(launch(tmp_path, dataset, 1, "--resume", "auto"))
+    result = launch(tmp_path, dataset, 1, "--resume", "auto")
+    ok(result)
+    assert "resume: skipped step00000004 (unreadable file mp_rank_00_model_states.pt (truncated?)" in result.stdout
     full, resumed = history(zero0_run), history(tmp_path)
     assert [h["step"] for h in resumed] == [3, 4]  # from step 2
     for a, b in zip(full[2:], resumed):
@@ -117,3 +119,32 @@ def test_a_dp2_zero1_checkpoint_at_dp1_names_the_portable_route(dataset, tmp_pat
     steps = history(tmp_path / "one")
     assert [h["step"] for h in steps] == [3, 4]
     assert all(h["loss"] == h["loss"] and h["loss"] < 20 for h in steps)
+
+
+def test_tag_checks_and_layout_rules(tmp_path):
+    """What resume checks before DeepSpeed reads a tag, file by file, and which layout changes
+    DeepSpeed can load across (ZeRO-0 at any DP size; nothing across TP, PP or ZeRO partitions)."""
+    from vlmo_large.checkpoint.resume_checks import layout_change, saved_layout, tag_problem
+
+    tag = tmp_path / "step00000002"
+    tag.mkdir()
+    layout = {"tp": 1, "pp": 1, "dp": 2, "zero": 1}
+    (tag / "COMPLETE").write_text(json.dumps({"step": 2, "layout": layout}))
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"x": torch.zeros(100)}, tag / name)
+    assert saved_layout(str(tag)) == layout
+    assert tag_problem(str(tag)) == "missing file zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    second = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    second.write_bytes(b"")
+    assert tag_problem(str(tag)) == f"empty file {second.name}"
+    torch.save({"x": torch.zeros(100)}, second)
+    assert tag_problem(str(tag)) is None
+    second.write_bytes(second.read_bytes()[:-30])
+    assert tag_problem(str(tag)).startswith(f"unreadable file {second.name} (truncated?)")
+
+    now = dict(layout, dp=1)
+    assert layout_change(layout, now) == ["dp"]
+    assert layout_change(dict(layout, zero=0, dp=1), dict(now, zero=0, dp=4)) == []
+    assert layout_change(dict(layout, zero=3), dict(layout, zero=3, tp=2)) == ["tp"]
+    assert layout_change(dict(layout, zero=None), dict(layout, zero=2)) == []  # ZeRO-1/2 from file names
+    assert layout_change(dict(layout, zero=1), dict(layout, zero=3)) == ["zero"]

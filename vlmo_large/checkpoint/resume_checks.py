@@ -90,6 +90,11 @@ def tag_problem(tag_dir: str) -> str | None:
     if saved["zero"] == 3:
         want = {f"zero_pp_rank_{d}_mp_rank_{r:02d}_model_states.pt" for r in range(saved["tp"])
                 for d in range(saved["dp"] or 1)}
+    if saved["zero"] != 0 and saved["dp"]:  # ZeRO-1/2/3: every DP rank's optimizer partition
+        for mp in range(saved["tp"] * saved["pp"]):
+            for dp in range(saved["dp"]):
+                name = f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+                want.add(f"bf16_{name}" if f"bf16_{name}" in files else name)
     missing = sorted(want - set(files))
     if missing:
         return f"missing file {missing[0]}"

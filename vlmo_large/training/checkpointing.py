@@ -160,7 +160,8 @@ def resume(engine, path: str) -> Optional[dict]:
 
     Returns None when there is nothing to resume, else {"step", "data_state" (this rank's, merged
     over all saved ranks when the DP size changed), "data_states", "tag", "skipped": [(tag, reason)]
-    of newer complete checkpoints that could not be loaded, "notes": lines for the console}.
+    of newer complete checkpoints that could not be loaded, "notes": other lines for the console
+    (a changed DP size, a portable source)}.
     Files are read weights-only (a file holding code is refused, never fallen back from); a layout
     DeepSpeed cannot load across is one UserError naming the `to-portable` route."""
     if os.path.isfile(os.path.join(path, STATE_FILE)):
@@ -185,7 +186,7 @@ def resume(engine, path: str) -> Optional[dict]:
     _reapply_scheduled_lr(engine)
     rank, saved_ranks = _rank(), len(client["rng_states"])
     world = dist.get_world_size() if dist.is_initialized() else 1
-    notes = [f"resume: skipped {t} ({r})" for t, r in skipped]
+    notes = []
     if saved_ranks == world:
         set_rng_state(client["rng_states"][rank])
         data_state = client["data_states"][rank]
