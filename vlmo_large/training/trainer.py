@@ -141,6 +141,7 @@ class Trainer:
                 self.step = restored["step"]
                 self.loader.load_state_dict(restored["data_state"])
                 self.progress_note += [f"resume: skipped {_skipped_text(s)}" for s in restored.get("skipped") or ()]
+                self.progress_note += list(restored.get("notes") or ())  # e.g. a ZeRO-0 run on another DP size
                 self.progress_note.append(f"resumed from {restored['tag']} at step {self.step}")
 
     # -- one optimizer step ---------------------------------------------------------------------
