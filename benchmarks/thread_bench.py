@@ -5,9 +5,10 @@
 Runs the real launcher (tiny, stage vl, random data, DeepSpeed's own launcher when --ranks > 1,
 which sets LOCAL_SIZE but no OMP_NUM_THREADS) once per variant and round, variants alternating
 within each round so that a machine whose load changes favours none. "auto" is the launcher's
-own choice (no OMP_NUM_THREADS, no --threads: usable cores / ranks on the host); a number N is
-`--threads N`. Before this choice existed, a rank under DeepSpeed's launcher took every core of
-the host (`--threads <cores>` reproduces it). Prints the median samples/s of the logged steps
+own choice (no OMP_NUM_THREADS, no --threads: the usable cores the host's load leaves idle / ranks
+on the host); a number N is `--threads N`. Before this choice existed, a plain run and every rank
+under DeepSpeed's launcher took every core of the host whatever its load (`--threads <cores>`
+reproduces it). `--busy K` starts K spinning processes for the duration (a busy machine). Prints the median samples/s of the logged steps
 after the first five, per variant and round, and each variant's median relative to the first.
 """
 from __future__ import annotations
@@ -48,9 +49,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--variants", default=f"auto,{len(os.sched_getaffinity(0))}")
+    p.add_argument("--busy", type=int, default=0, help="spinning processes to run alongside")
     a = p.parse_args()
     variants = a.variants.split(",")
     results: dict[str, list[float]] = {v: [] for v in variants}
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
+    try:
+        run_all(a, variants, results)
+    finally:
+        for s in spinners:
+            s.kill()
+    base = statistics.median(results[variants[0]])
+    for v in variants:
+        med = statistics.median(results[v])
+        print(f"{v:>5}: median {med:7.2f} samples/s  x{med / base:.2f} of {variants[0]}")
+
+
+def run_all(a, variants: list[str], results: dict[str, list[float]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             order = variants if r % 2 == 0 else variants[::-1]
@@ -58,10 +73,6 @@ def main() -> None:
                 rate, chosen = one_run(v, a.ranks, a.steps, os.path.join(tmp, f"{v}-{r}"))
                 results[v].append(rate)
                 print(f"round {r} {v:>5}: {rate:7.2f} samples/s   ({chosen})", flush=True)
-    base = statistics.median(results[variants[0]])
-    for v in variants:
-        med = statistics.median(results[v])
-        print(f"{v:>5}: median {med:7.2f} samples/s  x{med / base:.2f} of {variants[0]}")
 
 
 if __name__ == "__main__":
