@@ -101,7 +101,9 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_previous(zero0_run, datase
 def test_a_zero0_checkpoint_resumes_on_two_ranks(zero0_run, dataset, tmp_path):  # noqa: F811
     """DeepSpeed loads ZeRO-0 at any DP size (was: IndexError on rank 1 for its RNG state)."""
     copy_run(zero0_run, tmp_path)
-    ok(launch(tmp_path, dataset, 2, "--resume", "auto"))  # at step 4 of 4: restores, exports, trains nothing
+    result = launch(tmp_path, dataset, 2, "--resume", "auto")  # at step 4 of 4: restores, exports, trains nothing
+    ok(result)
+    assert "resume: step00000004 was saved by 1 ranks (TP=1 PP=1 DP=1 ZeRO-0), this run has 2" in result.stdout
     ours = load_file(str(tmp_path / "export" / "model.safetensors"))
     theirs = load_file(str(zero0_run / "export" / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -115,7 +117,9 @@ def test_a_dp2_zero1_checkpoint_at_dp1_names_the_portable_route(dataset, tmp_pat
     assert f"to-portable {ckpt} PORTABLE --tag step00000002" in line
     # the route: to-portable, then resume from it on one rank
     assert convert(["to-portable", str(ckpt), str(tmp_path / "portable"), "--tag", "step00000002"]) == 0
-    ok(launch(tmp_path / "one", dataset, 1, "--resume", str(tmp_path / "portable"), zero=1))
+    result = launch(tmp_path / "one", dataset, 1, "--resume", str(tmp_path / "portable"), zero=1)
+    ok(result)
+    assert f"resume: from the portable checkpoint {tmp_path / 'portable'}" in result.stdout
     steps = history(tmp_path / "one")
     assert [h["step"] for h in steps] == [3, 4]
     assert all(h["loss"] == h["loss"] and h["loss"] < 20 for h in steps)
