@@ -5,10 +5,10 @@
 Runs the real launcher (tiny, stage vl, random data, DeepSpeed's own launcher when --ranks > 1,
 which sets LOCAL_SIZE but no OMP_NUM_THREADS) once per variant and round, variants alternating
 within each round so that a machine whose load changes favours none. "auto" is the launcher's
-own choice (no OMP_NUM_THREADS, no --threads: the usable cores the host's load leaves idle / ranks
-on the host); a number N is `--threads N`. Before this choice existed, a plain run and every rank
-under DeepSpeed's launcher took every core of the host whatever its load (`--threads <cores>`
-reproduces it). `--busy K` starts K spinning processes for the duration (a busy machine). Prints the median samples/s of the logged steps
+own choice (no OMP_NUM_THREADS, no --threads: the usable cores / ranks on the host); a number N
+is `--threads N`. Before this choice existed, every rank under DeepSpeed's launcher took every core
+of the host (`--threads <cores>` reproduces it). `--busy K` starts K spinning processes for the
+duration (a machine busy with other jobs, where a smaller --threads pays). Prints the median samples/s of the logged steps
 after the first five, per variant and round, and each variant's median relative to the first.
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ busy output folder, divergence, a failed checkpoint write) is reported as one li
 on stderr with exit status 2, whenever in the run it happens; config problems before any process
 group or model exists. SIGTERM or SIGUSR1 ends the run at the next step boundary with a
 checkpoint, exit status 0 and the MLflow run marked KILLED; `--resume auto` continues it.
-Torch threads per rank: --threads, else OMP_NUM_THREADS, else the usable cores that the host's load
-leaves idle / ranks on the host (vlmo_large/cpu_threads.py).
+Torch threads per rank: --threads, else OMP_NUM_THREADS, else the usable cores / ranks on the host
+(vlmo_large/cpu_threads.py).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per rank (default: OMP_NUM_THREADS, else idle usable cores / ranks on the host)")
+                        help="torch threads per rank (default: OMP_NUM_THREADS, else usable cores / ranks on the host)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. schedule.steps=100 optim.lr=1e-4")
     return parser.parse_args(argv)
 

@@ -1,9 +1,7 @@
-"""CPU threads per training process: the cores this process may use and that other work leaves
-idle, shared by the ranks of its node.
+"""CPU threads per training process: the cores this process may use, shared by the ranks of its node.
 
 torch starts one intra-op thread per core in every process. Several ranks on one host (or one
-rank on a machine that is busy with other work) then run more spinning OpenMP threads than there
-are cores, and each step waits on threads that are descheduled: the same tiny run trained at
+loader workers next to a rank) then run more spinning OpenMP threads than there are cores, and each step waits on threads that are descheduled: the same tiny run trained at
 1.6-3.7 samples/s instead of 43-49 with one thread per process, with identical losses (here, with
 two other busy processes on 2 cores: 3.5-29 samples/s with 2 threads, 60-98 with 1).
 
@@ -11,10 +9,11 @@ two other busy processes on 2 cores: 3.5-29 samples/s with 2 threads, 60-98 with
     apply_threads(n)
 
 Precedence: an explicit request (the launcher's --threads), then OMP_NUM_THREADS (the user's, or
-torchrun's own choice for several ranks), then min(usable cores, host cores - 1-minute load
-average) / local ranks, at least 1. The load is the host's, so a busy host shrinks the choice and
-an idle one leaves all usable cores. Data-loader worker processes run one thread each: torch's
-worker loop sets that itself.
+torchrun's own choice for several ranks), then usable cores / local ranks, at least 1. The
+host's load is deliberately not counted: its 1-minute average still holds the work that ran just
+before (data generation, a previous stage) and halved an idle machine's throughput in the demo;
+on a machine shared with other jobs set OMP_NUM_THREADS or --threads. Data-loader worker
+processes run one thread each: torch's worker loop sets that itself.
 """
 from __future__ import annotations
 
@@ -40,10 +39,10 @@ def local_ranks(env: Mapping[str, str]) -> int:
     return 1
 
 
-def choose_threads(env: Mapping[str, str], requested: Optional[int] = None, cores: Optional[int] = None,
-                   host_cores: Optional[int] = None, load: Optional[float] = None) -> tuple[int, str]:
-    """(torch threads for this process, one phrase saying where the number came from). `cores`,
-    `host_cores` and `load` default to this process's usable cores, the host's and its load."""
+def choose_threads(env: Mapping[str, str], requested: Optional[int] = None,
+                   cores: Optional[int] = None) -> tuple[int, str]:
+    """(torch threads for this process, one phrase saying where the number came from). `cores`
+    defaults to this process's usable cores."""
     if requested is not None:
         if requested < 1:
             raise UserError(f"--threads must be at least 1, got {requested}")
@@ -54,13 +53,8 @@ def choose_threads(env: Mapping[str, str], requested: Optional[int] = None, core
             raise UserError(f"OMP_NUM_THREADS must be a positive integer, got {omp!r}")
         return int(omp), "OMP_NUM_THREADS"
     cores = usable_cores() if cores is None else cores
-    host_cores = (os.cpu_count() or cores) if host_cores is None else host_cores
-    load = os.getloadavg()[0] if load is None else load
-    idle = max(1, host_cores - round(load))
     ranks = local_ranks(env)
-    per = f"/ {ranks} local rank{'s' if ranks > 1 else ''}"
-    why = f"{cores} cores {per}" if idle >= cores else f"{idle} of {cores} cores idle at load {load:.1f} {per}"
-    return max(1, min(cores, idle) // ranks), why
+    return max(1, cores // ranks), f"{cores} cores / {ranks} local rank{'s' if ranks > 1 else ''}"
 
 
 def apply_threads(n: int) -> None:

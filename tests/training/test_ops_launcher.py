@@ -209,17 +209,9 @@ def test_bad_init_is_one_line_and_exit_2(tmp_path):
     line = _one_error_line(result.stderr)
     assert line.startswith("error: ") and str(broken) in line
     assert "stage vl:" not in result.stdout  # it did fail in the model build, after the process group existed
-    # no OMP_NUM_THREADS, no --threads: the launcher chose from the cores this process may use and the load
+    # no OMP_NUM_THREADS, no --threads: the launcher chose the cores this process may use / its 1 rank
     cores = len(os.sched_getaffinity(0))
-    chosen = re.search(r"threads: (\d+) torch threads per rank \((?:(\d+) of )?(\d+) cores (?:idle at load "
-                       r"([\d.]+) )?/ 1 local rank\)", result.stdout)
-    assert chosen, result.stdout
-    threads, idle, usable, load = chosen.groups()
-    assert int(usable) == cores
-    if load is None:
-        assert int(threads) == cores
-    else:
-        assert int(threads) == int(idle) == max(1, os.cpu_count() - round(float(load))) < cores
+    assert f"threads: {cores} torch threads per rank ({cores} cores / 1 local rank)" in result.stdout, result.stdout
 
 
 def test_bad_init_on_two_ranks_is_one_line_and_no_worker_traceback(tmp_path):
