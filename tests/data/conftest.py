@@ -1,4 +1,5 @@
 import io
+import os
 import tarfile
 
 import pytest
@@ -27,6 +28,15 @@ def tar_records(path: str) -> dict[str, dict[str, bytes]]:
         for member in tar.getmembers():
             key, ext = member.name.split(".", 1)
             records.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return records
+
+
+def folder_records(folder, prefix: str) -> dict[str, dict[str, bytes]]:
+    """tar_records of every `<prefix>*.tar` in `folder`, in name order."""
+    records: dict[str, dict[str, bytes]] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(prefix) and name.endswith(".tar"):
+            records.update(tar_records(os.path.join(folder, name)))
     return records
 
 

@@ -9,17 +9,13 @@ from timm.data.auto_augment import RandAugment
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from conftest import tar_records
+from conftest import folder_records
 from vlmo_large.data import build_loader
 from vlmo_large.data.transforms import eval_transform, train_transform
 
 
 def _all_records(pattern_dir, prefix="train-"):
-    out = {}
-    for name in sorted(os.listdir(pattern_dir)):
-        if name.startswith(prefix) and name.endswith(".tar"):
-            out.update(tar_records(os.path.join(pattern_dir, name)))
-    return out
+    return folder_records(pattern_dir, prefix)
 
 
 def test_image_text_batches_match_independent_decoding(synthetic, tokenizer):

@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import tar_records
+from conftest import folder_records
 from tools.make_shards import main as make_shards
 
 
@@ -16,11 +16,7 @@ def _images(folder, names):
 
 
 def _shard_records(folder, prefix="shard"):
-    records = {}
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(prefix) and name.endswith(".tar"):
-            records.update(tar_records(os.path.join(folder, name)))
-    return records
+    return folder_records(folder, prefix)
 
 
 def test_bad_jsonl_lines_and_captions_are_skipped_counted_and_located(tmp_path, capsys):
