@@ -40,8 +40,10 @@ class ModelConfig:
     mim_target: str = "pixel"  # "pixel" (normalised pixels) or "token" (visual-token ids)
     mim_vocab_size: int = 8192
     # execution
-    attention: str = "auto"  # "sdpa" (torch's fused kernels), "explicit" (reference math), "auto" (see attention.py)
+    attention: str = "auto"  # "sdpa" (torch's fused kernels), "flex" (FlexAttention), "explicit" (reference math),
+    #                          "auto" (see attention.py and docs/PERFORMANCE.md)
     checkpoint_every: int = 0  # activation checkpointing: 0 none, k every k-th block
+    compile: bool = False  # torch.compile each block (regional; parallel/parallelize.py)
 
     @property
     def text_dropout_rate(self) -> float:
@@ -73,7 +75,11 @@ class ModelConfig:
             (self.embed_dim % self.num_heads == 0, "embed_dim must be divisible by num_heads"),
             (self.image_size % self.patch_size == 0, "image_size must be divisible by patch_size"),
             (0 <= self.vl_start <= self.depth, "vl_start must lie in [0, depth]"),
-            (self.attention in ("auto", "sdpa", "explicit"), "attention must be 'auto', 'sdpa' or 'explicit'"),
+            (self.attention in ("auto", "sdpa", "flex", "explicit"),
+             "attention must be 'auto', 'sdpa', 'flex' or 'explicit'"),
+            (not (self.attention == "flex" and self.attn_drop > 0),
+             "attention 'flex' has no attention dropout: set attn_drop to 0 or choose another attention"),
+            (isinstance(self.compile, bool), "compile must be true or false"),
             (self.mim_target in ("pixel", "token"), "mim_target must be 'pixel' or 'token'"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.max_text_len <= self.max_text_len_of_initckpt or not self.use_rel_pos_bias,

@@ -68,10 +68,10 @@ def test_auto_takes_sdpa_unless_a_cpu_bias_needs_gradients(tiny_model):
     assert attn.backend == "auto"
     q = torch.zeros(1, attn.local_heads, 3, attn.head_dim)
     learned = torch.zeros(attn.local_heads, 3, 3, requires_grad=True)
-    assert not attn._use_sdpa(q, learned)
-    assert attn._use_sdpa(q, learned.detach()) and attn._use_sdpa(q, None)
+    assert attn.choose_backend(q, learned) == "explicit"
+    assert attn.choose_backend(q, learned.detach()) == attn.choose_backend(q, None) == "sdpa"
     with torch.no_grad():
-        assert attn._use_sdpa(q, learned)
+        assert attn.choose_backend(q, learned) == "sdpa"
 
 
 def test_unpadded_batch_skips_the_mask_with_the_same_result(tiny_model):

@@ -1,10 +1,17 @@
 """Shared multi-head self-attention of the MoME block (BEiT style: no k bias, fp32 softmax).
 
-Two paths compute the same thing: `sdpa` folds the relative bias and key padding into one additive
-mask for torch's fused kernel; `explicit` is the reference math, kept to test the fused one against.
-`auto` (the default) takes SDPA except where torch has no fused kernel for it: on a CPU, a bias
-that needs a gradient sends SDPA to its unfused math fallback, which also checks every row for
-being fully masked; the explicit path is the same math without those passes (~6% of a base block).
+Three paths compute the same thing: `sdpa` folds the relative bias and key padding into one additive
+[B, H, L, L] mask for torch's fused kernel; `flex` (flex_attention.py) reads the bias in a score_mod
+and the padding from a BlockMask, with no [B, H, L, L] tensor; `explicit` is the reference math,
+kept to test the others against (and the deterministic one). `auto` (the default):
+  - CPU: SDPA except where torch has no fused kernel for it: a bias that needs a gradient sends
+    SDPA to its unfused math fallback, which also checks every row for being fully masked; the
+    explicit path is the same math without those passes (~6% of a base block).
+  - CUDA: flex when the block is compiled (parallelize sets `compiled`; unfused flex is slow),
+    else SDPA; SDPA also when attention dropout is active (flex has none). Provisional until
+    benchmarks/gpu_check.sh measures it (docs/PERFORMANCE.md).
+The choice reads only the device, flags and `requires_grad`: torch.compile guards on those, no
+graph break.
 Under tensor parallelism each rank owns `num_heads / tp` heads: qkv is column-parallel (split per
 q/k/v chunk), the output projection row-parallel.
 """
@@ -14,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmo_large.model.flex_attention import flex_attend, padding_block_mask
 from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear, mark_tensor_parallel
 from vlmo_large.parallel import state
 
@@ -36,6 +44,7 @@ class SelfAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.attn_drop = attn_drop
         self.backend = backend
+        self.compiled = False  # set by parallelize when this block runs under torch.compile
         local_dim = self.local_heads * self.head_dim
         self.qkv = ColumnLinear(dim, 3 * dim, bias=False, stride=3)
         self.q_bias = mark_tensor_parallel(nn.Parameter(torch.zeros(local_dim)))
@@ -43,8 +52,11 @@ class SelfAttention(nn.Module):
         self.proj = RowLinear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, queries: int | None = None) -> torch.Tensor:
-        """queries=n: only the first n positions attend (to all keys); returns [B, n, D]."""
+                key_mask: torch.Tensor | None = None, queries: int | None = None,
+                block_mask=None) -> torch.Tensor:
+        """queries=n: only the first n positions attend (to all keys); returns [B, n, D].
+        block_mask: the pass's shared FlexAttention padding mask for this query count (built here
+        from key_mask when the flex path runs without one)."""
         B, N, _ = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = self.qkv(x, bias=qkv_bias)
@@ -52,7 +64,12 @@ class SelfAttention(nn.Module):
         if queries is not None:
             q, N = q[:, :, :queries], queries
             bias = None if bias is None else bias[:, :queries]
-        if self._use_sdpa(q, bias):
+        backend = self.choose_backend(q, bias)
+        if backend == "flex":
+            if key_mask is not None and block_mask is None:
+                block_mask = padding_block_mask(key_mask, N)
+            out = flex_attend(q, k, v, bias, block_mask if key_mask is not None else None, self.scale)
+        elif backend == "sdpa":
             mask = additive_mask(bias, key_mask, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  dropout_p=self.attn_drop if self.training else 0.0)
@@ -60,11 +77,18 @@ class SelfAttention(nn.Module):
             out = self._explicit(q, k, v, bias, key_mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
-    def _use_sdpa(self, q: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    def choose_backend(self, q: torch.Tensor, bias: torch.Tensor | None) -> str:
         if self.backend != "auto":
-            return self.backend == "sdpa"
-        learned_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-        return not (q.device.type == "cpu" and learned_bias)
+            return self.backend
+        if q.device.type == "cpu":
+            learned_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+            return "explicit" if learned_bias else "sdpa"
+        dropout = self.attn_drop > 0 and self.training
+        return "flex" if self.compiled and not dropout else "sdpa"
+
+    def may_use_flex(self, device: torch.device) -> bool:
+        """Whether a pass on this device may take the flex path (its BlockMask is then built)."""
+        return self.backend == "flex" or (self.backend == "auto" and device.type != "cpu" and self.compiled)
 
     def _explicit(self, q, k, v, bias, key_mask):
         logits = ((q * self.scale).float() @ k.float().transpose(-2, -1)).float()  # fp32 under autocast too

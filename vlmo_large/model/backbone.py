@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vlmo_large.config import ModelConfig
-from vlmo_large.model.block import MoMEBlock
+from vlmo_large.model.block import MoMEBlock, apply_checkpointing
+from vlmo_large.model.flex_attention import padding_block_masks
 from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
 from vlmo_large.model.relative_position import RelativePositionBias
 from vlmo_large.model.tensor_parallel import init_normal, mark_tensor_parallel
@@ -41,8 +41,8 @@ class MoMEBackbone(nn.Module):
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(MoMEBlock(cfg, i, rates[i]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.checkpoint_every = cfg.checkpoint_every
         self._init_plain_modules()
+        apply_checkpointing(self.blocks, cfg.checkpoint_every)  # parallelize applies its plan again
 
     def _init_plain_modules(self) -> None:
         """megatron layers initialise themselves; the plain embeddings and norms are set here."""
@@ -54,8 +54,8 @@ class MoMEBackbone(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def set_grad_checkpointing(self, every: int = 1) -> None:
-        """Recompute every `every`-th block in backward (0 turns it off)."""
-        self.checkpoint_every = every
+        """Recompute every `every`-th block in backward (0 turns it off); the mechanism parallelize uses."""
+        apply_checkpointing(self.blocks, every)
 
     # -- embeddings -----------------------------------------------------------------------------
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -77,13 +77,14 @@ class MoMEBackbone(nn.Module):
         end = self.cfg.depth if end is None else end
         if keep is not None and start >= end:
             return x[:, :keep]
+        block_masks = {}
+        if key_mask is not None and start < end and self.blocks[start].attn.may_use_flex(x.device):
+            block_masks = padding_block_masks(key_mask, x.shape[1], keep)  # one per pass, shared by its layers
         for i in range(start, end):
-            block, layer_bias = self.blocks[i], None if bias is None else bias[i]
+            layer_bias = None if bias is None else bias[i]
             queries = keep if i == end - 1 else None
-            if self.checkpoint_every and self.training and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, routes[i], layer_bias, key_mask, text_len, queries, use_reentrant=False)
-            else:
-                x = block(x, routes[i], layer_bias, key_mask, text_len, queries)
+            block_mask = block_masks.get(x.shape[1] if queries is None else queries)
+            x = self.blocks[i](x, routes[i], layer_bias, key_mask, text_len, queries, block_mask)
         return x
 
     def _single_modality(self, x, expert: str, bias_mode: str, key_mask, text_len: int, vl_branch: bool,

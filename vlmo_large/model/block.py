@@ -7,13 +7,20 @@
 expert, the image slice after it to the vision expert: a contiguous split, no gather).
 `queries=n` computes the block's output for the first n positions only (all positions still serve
 as keys and values): what a last layer needs when only CLS, or only the text, is read out.
+
+Activation checkpointing is set per block (`set_checkpointing`, applied by parallelize): the
+block's forward is replaced in place by one that recomputes it in backward, so the forward code
+decides nothing per call and parameter names stay as they are.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlmo_large.config import ModelConfig
 from vlmo_large.model.attention import SelfAttention
@@ -62,9 +69,33 @@ class MoMEBlock(nn.Module):
         return self.experts[route](x)
 
     def forward(self, x: torch.Tensor, route: str, bias: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, text_len: int = 0, queries: int | None = None) -> torch.Tensor:
-        attended = self.attn(self.norm1(x), bias, key_mask, queries)
+                key_mask: torch.Tensor | None = None, text_len: int = 0, queries: int | None = None,
+                block_mask=None) -> torch.Tensor:
+        attended = self.attn(self.norm1(x), bias, key_mask, queries, block_mask)
         if queries is not None:
             x = x[:, :queries]
         x = x + self.drop_path(self._scale(self.gamma_1, attended))
         return x + self.drop_path(self._scale(self.gamma_2, self._ffn(x, route, text_len)))
+
+    def set_checkpointing(self, on: bool) -> None:
+        """Recompute this block in backward (training with gradients only), or stop doing so."""
+        if on:
+            self.forward = partial(_checkpointed_forward, self)
+        else:
+            self.__dict__.pop("forward", None)
+
+    @property
+    def checkpointed(self) -> bool:
+        return "forward" in self.__dict__
+
+
+def _checkpointed_forward(block: MoMEBlock, *args, **kwargs) -> torch.Tensor:
+    if block.training and torch.is_grad_enabled():
+        return checkpoint(MoMEBlock.forward, block, *args, use_reentrant=False, **kwargs)
+    return MoMEBlock.forward(block, *args, **kwargs)
+
+
+def apply_checkpointing(blocks, every: int) -> None:
+    """Checkpoint every `every`-th block (by index; 0 turns it off everywhere)."""
+    for index, block in enumerate(blocks):
+        block.set_checkpointing(bool(every) and index % every == 0)
