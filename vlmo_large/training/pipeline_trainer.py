@@ -17,7 +17,6 @@ Evaluation during training is not supported (validation.py refuses eval_every wi
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -32,7 +31,7 @@ from vlmo_large.parallel import state
 from vlmo_large.parallel.pipeline_engine import PipelineStep, build_pipeline_engine
 from vlmo_large.parallel.pipeline_weights import gather_plain_state_dict, named_plain_parameters
 from vlmo_large.parallel.sharding import gather_full_state_dict
-from vlmo_large.training.engine import model_dtype
+from vlmo_large.training.engine import model_dtype, with_torch_fused_adamw
 from vlmo_large.training.objectives import LossWeights
 from vlmo_large.training.optimization import WarmupDecay
 from vlmo_large.training.trainer import Trainer, to_device
@@ -40,12 +39,9 @@ from vlmo_large.training.trainer import Trainer, to_device
 
 
 def pipeline_ds_config(ds_config: dict) -> dict:
-    """As training/engine.py's build_engine: on a CPU-only machine torch's fused AdamW instead of
-    DeepSpeed's FusedAdam (a ~45 s JIT build), so both paths run the same optimizer."""
-    ds_config = copy.deepcopy(ds_config)
-    if not torch.cuda.is_available():
-        ds_config["optimizer"]["params"].update(torch_adam=True, fused=True)
-    return ds_config
+    """As training/engine.py's build_engine: torch's fused AdamW (no FusedAdam JIT build), so both
+    paths run the same optimizer."""
+    return with_torch_fused_adamw(ds_config)
 
 
 def held_names(pipe) -> set[str]:
