@@ -12,6 +12,17 @@ import numpy as np
 IGNORE_INDEX = -100
 
 
+def mlm_budget(tokens: int, prob: float) -> int:
+    """How many of `tokens` maskable positions whole_word_mlm predicts (before rounding to whole words)."""
+    return max(1, int(round(prob * tokens)))
+
+
+def max_masked_tokens(seq_len: int, prob: float) -> int:
+    """A hard per-sequence cap on whole_word_mlm's predicted positions for padded length `seq_len`:
+    the loss gathers exactly this many slots per row (a static shape, no host sync on a GPU)."""
+    return mlm_budget(seq_len, prob)
+
+
 def whole_word_mlm(ids: np.ndarray, word_starts: np.ndarray, *, rng: np.random.Generator,
                    mask_id: int, special_ids, vocab_size: int, prob: float = 0.15,
                    mask_frac: float = 0.8, random_frac: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -19,7 +30,9 @@ def whole_word_mlm(ids: np.ndarray, word_starts: np.ndarray, *, rng: np.random.G
 
     Words (a start piece and its continuation pieces; special tokens never) are drawn in random
     order until round(prob * real tokens) positions are chosen, never splitting a word (as in
-    BERT's create_pretraining_data). Each chosen position becomes [MASK] (80%), a random non-special
+    BERT's create_pretraining_data). If every word is longer than that, the shortest word is taken,
+    cut to max_masked_tokens(len(ids), prob) pieces: the cap the loss's fixed slot count relies on.
+    Each chosen position becomes [MASK] (80%), a random non-special
     id (10%) or stays (10%). Returns (mlm_ids, labels) with labels = -100 where not predicted.
     """
     ids = np.asarray(ids, dtype=np.int64)
@@ -38,7 +51,7 @@ def whole_word_mlm(ids: np.ndarray, word_starts: np.ndarray, *, rng: np.random.G
         else:
             words[-1].append(int(pos))
         prev = pos
-    budget = max(1, int(round(prob * candidates.size)))
+    budget = mlm_budget(candidates.size, prob)
     chosen: list[int] = []
     for w in rng.permutation(len(words)):
         if len(chosen) >= budget:
@@ -47,7 +60,7 @@ def whole_word_mlm(ids: np.ndarray, word_starts: np.ndarray, *, rng: np.random.G
             continue
         chosen.extend(words[w])
     if not chosen:  # every word longer than the budget: take the shortest one whole
-        chosen = min(words, key=len)
+        chosen = min(words, key=len)[:max_masked_tokens(ids.size, prob)]
     chosen_arr = np.array(sorted(chosen), dtype=np.int64)
     labels[chosen_arr] = ids[chosen_arr]
     u = rng.random(chosen_arr.size)

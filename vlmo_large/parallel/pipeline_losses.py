@@ -21,7 +21,7 @@ TERMS = {"vl": ("itc", "itc_vl", "itm", "mlm", "itm_acc", "logit_scale"), "mim":
          "text_mlm": ("mlm",), "dual": ()}
 
 
-def vl_terms(head, outputs, labels, weights: LossWeights, group) -> dict:
+def vl_terms(head, outputs, labels, weights: LossWeights, group, mlm_slots: int | None = None) -> dict:
     """Stage 3 from the head layer's outputs; as objectives.vl_losses after its encoders."""
     image, text, image_vl, text_vl, pair = outputs
     mlm_labels, itm_labels = labels
@@ -29,7 +29,7 @@ def vl_terms(head, outputs, labels, weights: LossWeights, group) -> dict:
     itc_main, _, _ = contrastive_loss(*head.itc(image, text), head.itc.logit_scale, group)
     itc_vl, _, _ = contrastive_loss(*head.itc_vl(image_vl, text_vl), head.itc_vl.logit_scale, group)
     itc = (itc_main + itc_vl) / 2
-    mlm = mlm_loss(head.mlm_head, pair[:B, :T], mlm_labels)
+    mlm = mlm_loss(head.mlm_head, pair[:B, :T], mlm_labels, mlm_slots)
     itm_logits = head.itm_head(head.pooler(pair[B:])).float()
     itm = F.cross_entropy(itm_logits, itm_labels)
     return {"loss": weights.itc * itc + weights.itm * itm + weights.mlm * mlm, "itc": itc, "itc_vl": itc_vl,
@@ -47,10 +47,11 @@ def mim_terms(head, patches, labels) -> dict:
 
 
 class PipelineLoss:
-    """loss_fn of the pipeline module; `mode` is switched with the layers', `head` set on the last stage."""
+    """loss_fn of the pipeline module; `mode` is switched with the layers', `head` set on the last stage.
+    mlm_slots: the MLM head's fixed positions per row (objectives.mlm_loss); None: every position."""
 
-    def __init__(self, mode: str, weights: LossWeights = LossWeights()):
-        self.mode, self.weights = mode, weights
+    def __init__(self, mode: str, weights: LossWeights = LossWeights(), mlm_slots: int | None = None):
+        self.mode, self.weights, self.mlm_slots = mode, weights, mlm_slots
         self.head = None
         self.terms: OrderedDict | None = None
 
@@ -60,11 +61,11 @@ class PipelineLoss:
             _, i2t, t2i = contrastive_loss(*self.head.itc(*outputs), self.head.itc.logit_scale, group)
             return [i2t, t2i]
         if self.mode == "vl":
-            terms = vl_terms(self.head, outputs, labels, self.weights, group)
+            terms = vl_terms(self.head, outputs, labels, self.weights, group, self.mlm_slots)
         elif self.mode == "mim":
             terms = mim_terms(self.head, outputs, labels)
         else:
-            loss = mlm_loss(self.head.mlm_head, outputs, labels)
+            loss = mlm_loss(self.head.mlm_head, outputs, labels, self.mlm_slots)
             terms = {"loss": loss, "mlm": loss}
         self.terms = OrderedDict((k, terms[k].detach().float()) for k in TERMS[self.mode])
         return terms["loss"]

@@ -15,11 +15,38 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from vlmo_large.data.masking import max_masked_tokens
 from vlmo_large.parallel import state
-from vlmo_large.parallel.collectives import all_gather_no_grad, all_gather_with_grad, group_rank
+from vlmo_large.parallel.collectives import all_gather_no_grad, all_gather_with_grad, gather_global_rows, group_rank
 from vlmo_large.training.run_config import DATA_KIND, STAGES  # noqa: F401 (re-exported)
 
 IGNORE = -100
+ITM_PAIRS = 3  # itm_pairs' rows per sample: the positive, a hard-negative image, a hard-negative text
+
+
+@dataclass(frozen=True)
+class EncoderPass:
+    """One encoder call of a training step: `mode` ("image", "text" or "pair"), run on `copies` times
+    the micro-batch's rows, with the VL-branch top layers too (`vl_branch`), and the last layer
+    computing only the positions `keep` names ("cls", "text", or None: all). The stage functions
+    below call the encoders from these, and step_flops.py counts a step's FLOPs from them."""
+    mode: str
+    copies: int = 1
+    vl_branch: bool = False
+    keep: str | None = None
+
+    def kept(self, text_len: int) -> int | None:
+        return {"cls": 1, "text": text_len, None: None}[self.keep]
+
+
+# what each stage's step runs, in order (mim_losses, text_mlm_losses, vl_losses)
+STEP_PASSES = {
+    "mim": (EncoderPass("image"),),
+    "text_mlm": (EncoderPass("text"),),
+    "vl": (EncoderPass("image", vl_branch=True, keep="cls"),  # ITC reads CLS only
+           EncoderPass("text", vl_branch=True, keep="cls"),
+           EncoderPass("pair", copies=1 + ITM_PAIRS, keep="text")),  # the MLM rows, then the ITM pairs
+}
 
 
 @dataclass(frozen=True)
@@ -80,12 +107,12 @@ def sample_hard_negatives(logits: torch.Tensor, positives: torch.Tensor,
 def itm_pairs(batch: dict, i2t: torch.Tensor, t2i: torch.Tensor, group=None,
               generator: torch.Generator | None = None, skip_identical_text: bool = False) -> dict:
     """3B (text, image) pairs: B positive, then for each local text a hard-negative image, then for
-    each local image a hard-negative text, both drawn from the all-gathered global batch.
+    each local image a hard-negative text, both drawn from the global batch. Token ids and masks
+    are all-gathered (small); of the images only the B drawn ones travel (gather_global_rows).
 
     skip_identical_text: never draw a candidate whose text (token ids) equals the positive's: with
     repeated captions ("a dog on a beach") such an image or text is no negative at all."""
     images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-    all_images = all_gather_no_grad(images, group)
     all_ids, all_mask = all_gather_no_grad(ids, group), all_gather_no_grad(mask, group)
     positives = positive_columns(images.shape[0], group, images.device)
     same = None
@@ -97,23 +124,47 @@ def itm_pairs(batch: dict, i2t: torch.Tensor, t2i: torch.Tensor, group=None,
     return {
         "text_ids": torch.cat([ids, ids, all_ids[text_for_image]]),
         "text_mask": torch.cat([mask, mask, all_mask[text_for_image]]),
-        "image": torch.cat([images, all_images[image_for_text], images]),
-        "labels": torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(images.device),
+        "image": torch.cat([images, gather_global_rows(images, image_for_text, group), images]),
+        "labels": itm_labels(B, images.device),
         "image_for_text": image_for_text, "text_for_image": text_for_image,
     }
 
 
+def itm_labels(local_batch: int, device) -> torch.Tensor:
+    """1 for the B positives, 0 for the 2B negatives (itm_pairs' order), made on `device`."""
+    return (torch.arange(ITM_PAIRS * local_batch, device=device) < local_batch).long()
+
+
 # -- MLM / MIM ----------------------------------------------------------------------------------
-def mlm_loss(mlm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Vocab-parallel CE over the masked positions only (the head never sees unmasked tokens,
-    which saves the vocabulary projection of ~85% of the tokens)."""
+def masked_slots(labels: torch.Tensor, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, S] positions, [B, S] targets): each row's predicted positions first, in order, then
+    unpredicted ones whose target is IGNORE. S = slots (at most T), a static count, so the gather has
+    one shape per run and needs no host sync (boolean indexing would); None: every position."""
+    T = labels.shape[1]
+    slots = T if slots is None else min(slots, T)
     picked = labels != IGNORE
-    if not picked.any():
-        return hidden.sum() * 0.0
-    logits, targets = mlm_head(hidden[picked]).float(), labels[picked]
+    if slots < T:  # more predicted tokens than slots would drop some silently: the masking caps them
+        torch._assert_async(picked.sum(1).max() <= slots,
+                            f"an MLM row predicts more than {slots} tokens (data.masking's cap)")
+    positions = torch.sort(picked.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :slots]
+    return positions, labels.gather(1, positions)
+
+
+def mlm_loss(mlm_head, hidden: torch.Tensor, labels: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+    """Vocab-parallel CE, mean over the predicted tokens (0 when there are none). The head sees only
+    `slots` gathered positions per row (masked_slots), which saves the vocabulary projection of
+    ~85% of the tokens; a slot without a target weighs 0."""
+    positions, targets = masked_slots(labels, slots)
+    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    logits = mlm_head(picked).float()
+    valid = targets != IGNORE
+    count = valid.sum().clamp(min=1)
     if state.tp_size() == 1:  # the same number; skips megatron's collectives on a one-rank group
-        return F.cross_entropy(logits, targets)
-    return vocab_parallel_cross_entropy(logits.unsqueeze(0), targets.unsqueeze(0)).mean()
+        per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    else:  # megatron has no ignore index: an IGNORE target gets a finite loss that the weight removes
+        per_token = vocab_parallel_cross_entropy(logits, targets).flatten()
+        per_token = per_token * valid.flatten()
+    return per_token.sum() / count
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -135,7 +186,9 @@ def mim_losses(model, batch: dict) -> dict:
     """Stage 1: predict the masked patches (normalised pixels, or visual-token ids if the config's
     mim_target is "token" and the batch carries "mim_targets" [B, N])."""
     mask = batch["mim_mask"].bool()
-    hidden = model.backbone.encode_image(batch["image"], mim_mask=mask, mask_token=model.mim_head.mask_token)
+    (image_pass,) = STEP_PASSES["mim"]
+    hidden = model.backbone.encode_image(batch["image"], image_pass.vl_branch, mim_mask=mask,
+                                         mask_token=model.mim_head.mask_token, keep=image_pass.kept(0))
     pred = model.mim_head(hidden[:, 1:][mask]).float()
     if model.cfg.mim_target == "token":
         loss = F.cross_entropy(pred, batch["mim_targets"][mask])
@@ -144,30 +197,36 @@ def mim_losses(model, batch: dict) -> dict:
     return {"loss": loss, "mim": loss}
 
 
-def text_mlm_losses(model, batch: dict) -> dict:
-    """Stage 2: MLM on text alone (language expert in every layer)."""
-    hidden = model.backbone.encode_text(batch["mlm_ids"], batch["text_mask"])
-    loss = mlm_loss(model.mlm_head, hidden, batch["mlm_labels"])
+def text_mlm_losses(model, batch: dict, mlm_slots: int | None = None) -> dict:
+    """Stage 2: MLM on text alone (language expert in every layer). mlm_slots: see mlm_loss."""
+    (text_pass,) = STEP_PASSES["text_mlm"]
+    hidden = model.backbone.encode_text(batch["mlm_ids"], batch["text_mask"], text_pass.vl_branch,
+                                        text_pass.kept(batch["mlm_ids"].shape[1]))
+    loss = mlm_loss(model.mlm_head, hidden, batch["mlm_labels"], mlm_slots)
     return {"loss": loss, "mlm": loss}
 
 
 def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=None,
-              generator: torch.Generator | None = None, itm_skip_identical_text: bool = False) -> dict:
+              generator: torch.Generator | None = None, itm_skip_identical_text: bool = False,
+              mlm_slots: int | None = None) -> dict:
     """Stage 3: ITC (final and VL-branch CLS), ITM with global hard negatives, MLM on the fused
-    encoder. The MLM pairs and the 3B ITM pairs go through the fused encoder as one batch."""
+    encoder. The MLM pairs and the 3B ITM pairs go through the fused encoder as one batch.
+    mlm_slots: see mlm_loss."""
     bb = model.backbone
-    image, image_vl = bb.encode_image(batch["image"], vl_branch=True, keep=1)  # ITC reads CLS only
-    text, text_vl = bb.encode_text(batch["text_ids"], batch["text_mask"], vl_branch=True, keep=1)
+    image_pass, text_pass, fused_pass = STEP_PASSES["vl"]
+    B, T = batch["text_ids"].shape
+    image, image_vl = bb.encode_image(batch["image"], image_pass.vl_branch, keep=image_pass.kept(T))
+    text, text_vl = bb.encode_text(batch["text_ids"], batch["text_mask"], text_pass.vl_branch, keep=text_pass.kept(T))
     itc_main, i2t, t2i = contrastive_loss(*model.itc(image[:, 0], text[:, 0]), model.itc.logit_scale, group)
     itc_vl, _, _ = contrastive_loss(*model.itc_vl(image_vl[:, 0], text_vl[:, 0]), model.itc_vl.logit_scale, group)
     itc = (itc_main + itc_vl) / 2
 
     pairs = itm_pairs(batch, i2t.detach(), t2i.detach(), group, generator, itm_skip_identical_text)
-    B, T = batch["text_ids"].shape
-    fused = bb.encode_pair(torch.cat([batch["mlm_ids"], pairs["text_ids"]]),
-                           torch.cat([batch["text_mask"], pairs["text_mask"]]),
-                           torch.cat([batch["image"], pairs["image"]]), keep=T)  # MLM and ITM read text
-    mlm = mlm_loss(model.mlm_head, fused[:B], batch["mlm_labels"])
+    fused_ids = torch.cat([batch["mlm_ids"], pairs["text_ids"]])
+    assert fused_ids.shape[0] == fused_pass.copies * B, "STEP_PASSES['vl'] no longer describes the fused pass"
+    fused = bb.encode_pair(fused_ids, torch.cat([batch["text_mask"], pairs["text_mask"]]),
+                           torch.cat([batch["image"], pairs["image"]]), keep=fused_pass.kept(T))
+    mlm = mlm_loss(model.mlm_head, fused[:B], batch["mlm_labels"], mlm_slots)
     itm_logits = model.itm_head(model.pooler(fused[B:])).float()
     itm = F.cross_entropy(itm_logits, pairs["labels"])
     itm_acc = (itm_logits.argmax(-1) == pairs["labels"]).float().mean()
@@ -184,23 +243,27 @@ class PretrainingObjective(torch.nn.Module):
     forward(batch, step) -> dict of scalars, "loss" the one to backpropagate. `step` seeds the ITM
     negative sampler (with the seed and data-parallel rank), so a resumed run draws the same
     negatives as an uninterrupted one whatever the global RNG state. `itm_skip_identical_text`:
-    see itm_pairs (off by default, as in the reference).
+    see itm_pairs (off by default, as in the reference). `mlm_prob`: the data's masking rate, whose
+    cap (data.masking.max_masked_tokens) fixes the MLM head's slots per row; None (batches masked
+    by another rule): every position.
     """
 
     def __init__(self, model, stage: str, weights: LossWeights = LossWeights(), group=None, seed: int = 0,
-                 itm_skip_identical_text: bool = False):
+                 itm_skip_identical_text: bool = False, mlm_prob: float | None = None):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}'; choose one of {STAGES}")
         self.model, self.stage, self.weights, self.group, self.seed = model, stage, weights, group, seed
         self.itm_skip_identical_text = itm_skip_identical_text
+        self.mlm_slots = None if mlm_prob is None else max_masked_tokens(model.cfg.max_text_len, mlm_prob)
 
     def forward(self, batch: dict, step: int = 0) -> dict:
         if self.stage == "mim":
             return mim_losses(self.model, batch)
         if self.stage == "text_mlm":
-            return text_mlm_losses(self.model, batch)
+            return text_mlm_losses(self.model, batch, self.mlm_slots)
         device = batch["image"].device
         generator = torch.Generator(device=device).manual_seed(
             (self.seed * 1_000_003 + step) * 4099 + group_rank(self.group))
-        return vl_losses(self.model, batch, self.weights, self.group, generator, self.itm_skip_identical_text)
+        return vl_losses(self.model, batch, self.weights, self.group, generator, self.itm_skip_identical_text,
+                         self.mlm_slots)

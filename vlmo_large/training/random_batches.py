@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from vlmo_large.config import ModelConfig
+from vlmo_large.data.masking import max_masked_tokens
 
 
 def random_batch(kind: str, cfg: ModelConfig, batch: int, gen: torch.Generator, mlm_prob: float = 0.15,
@@ -23,7 +24,10 @@ def random_batch(kind: str, cfg: ModelConfig, batch: int, gen: torch.Generator, 
     lengths = torch.randint(T // 2, T + 1, (batch,), generator=gen)
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
     ids = ids * mask
-    picked = (torch.rand(batch, T, generator=gen) < mlm_prob) & mask.bool()
+    scores = torch.rand(batch, T, generator=gen).masked_fill(~mask.bool(), 2.0)
+    picked = scores < mlm_prob
+    # at most the real masking's cap per sample (the loss's fixed slot count): the lowest scores win
+    picked &= scores.argsort(dim=1, stable=True).argsort(dim=1) < max_masked_tokens(T, mlm_prob)
     picked[:, 1] |= ~picked.any(1)  # at least one MLM target per sample
     out.update(text_ids=ids, text_mask=mask, mlm_ids=torch.where(picked, torch.full_like(ids, 4), ids),
                mlm_labels=torch.where(picked, ids, torch.full_like(ids, -100)))

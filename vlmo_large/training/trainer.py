@@ -29,6 +29,7 @@ from vlmo_large.training.objectives import DATA_KIND, LossWeights, PretrainingOb
 from vlmo_large.training.progress import Progress
 from vlmo_large.training.random_batches import RandomBatches
 from vlmo_large.training.run_config import RunConfig
+from vlmo_large.training.step_flops import peak_tflops, step_flops
 from vlmo_large.training.validation import ResolvedRun
 
 
@@ -109,7 +110,7 @@ class Trainer:
         self.build_model()
         weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
         self.objective = PretrainingObjective(self.model, cfg.stage, weights, state.dp_group(), cfg.seed,
-                                              cfg.loss.itm_skip_identical_text)
+                                              cfg.loss.itm_skip_identical_text, cfg.data.mlm_prob)
         self.engine = build_engine(self.objective, self.resolved, cfg)
         self.restore()
 
@@ -148,8 +149,11 @@ class Trainer:
     def train_step(self, batches) -> dict:
         sums = {}
         dtype, accum = model_dtype(self.engine), self.resolved.grad_accum
+        self.step_flops = 0.0
         for _ in range(accum):
-            out = self.engine(to_device(next(batches), self.engine.device, dtype), self.step)
+            batch = next(batches)
+            self.step_flops += self._micro_batch_flops(batch)  # from the host batch: no device read
+            out = self.engine(to_device(batch, self.engine.device, dtype), self.step)
             self.engine.backward(out["loss"])
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             for k, v in out.items():
@@ -158,6 +162,22 @@ class Trainer:
             return mean_over_data_parallel(sums, accum)
         metrics, self._stop_vote = mean_over_data_parallel(sums, accum, preemption.requested() is not None)
         return metrics
+
+    def _micro_batch_flops(self, batch: dict) -> float:
+        """This GPU's useful FLOPs of one micro-batch (step_flops.py; a TP rank does 1/tp of them)."""
+        return step_flops(self.resolved.model, self.cfg.stage, batch, state.dp_size()) / state.tp_size()
+
+    def _perf_metrics(self, elapsed: float) -> dict:
+        """perf/tflops_per_gpu of the last step, and perf/mfu where the card's peak is known (none
+        from a train_step that does not count FLOPs: the pipeline's)."""
+        if getattr(self, "step_flops", None) is None:
+            return {}
+        if not hasattr(self, "_peak"):
+            device = torch.device(self.engine.device)
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            self._peak = peak_tflops(name, str(model_dtype(self.engine)))
+        tflops = self.step_flops / elapsed / 1e12
+        return {"perf/tflops_per_gpu": tflops, **({"perf/mfu": tflops / self._peak} if self._peak else {})}
 
     def _agree_to_stop(self) -> bool:
         """Whether any rank was asked to stop: folded into train_step's all-reduce where that one
@@ -225,8 +245,8 @@ class Trainer:
                 self._check_finite(metrics)
                 progress.update(self.step, metrics, samples_per_s, lr, self._skip_counts())
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == total):
-                    self.tracker.log_metrics({**metrics, **skipped, "lr": lr, "samples_per_s": samples_per_s},
-                                             self.step)
+                    self.tracker.log_metrics({**metrics, **skipped, "lr": lr, "samples_per_s": samples_per_s,
+                                              **self._perf_metrics(elapsed)}, self.step)
                 if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
                     self._evaluate(progress)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
