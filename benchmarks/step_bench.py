@@ -140,10 +140,8 @@ def batch_source(trainer, args, micro: int):
 
 def flops_and_peak(trainer, micro: int, sample_batch: dict, dtype: str, device: str):
     """Useful FLOPs of one step and the device's dense peak TFLOP/s (None when unknown)."""
-    try:
-        from vlmo_large.training import step_flops
-    except ImportError:  # until training/step_flops.py lands
-        return None, None
+    from vlmo_large.training import step_flops
+
     flops = step_flops.step_flops(trainer.resolved.model, trainer.cfg.stage, sample_batch)
     return flops, step_flops.peak_tflops(device, dtype)
 
@@ -282,10 +280,10 @@ def run_batch(trainer, args, micro: int, versions: dict) -> dict:
         return row
     seconds = statistics.median(times)  # shared CPUs swing +-15% from second to second
     flops, peak = flops_and_peak(trainer, micro, sample, args.dtype, device)
-    tflops = flops / seconds / 1e12 if flops else None
+    tflops = flops / seconds / 1e12
     row.update(status="ok", steps=len(times), s_step=seconds, fastest_s=min(times), slowest_s=max(times),
-               samples_s=micro / seconds, gflop_step=flops / 1e9 if flops else None, tflops=tflops,
-               peak_tflops=peak, mfu=tflops / peak if peak and tflops else None)
+               samples_s=micro / seconds, gflop_step=flops / 1e9, tflops=tflops,
+               peak_tflops=peak, mfu=tflops / peak if peak else None)
     if torch.cuda.is_available():
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return row
@@ -297,9 +295,8 @@ def describe(row: dict) -> str:
             f"data={row['data']} device={row['device']}: ")
     if row["status"] != "ok":
         return head + f"{row['status']} ({row.get('error', '')})"
-    work = (f"{row['tflops']:.3f} TFLOP/s ({row['gflop_step']:.1f} GFLOP/step)" if row["tflops"] is not None
-            else "TFLOP/s n/a (no training/step_flops.py)")
-    line = (head + f"{row['s_step']:.3f} s/step, {row['samples_s']:.3f} samples/s, {work}; median of {row['steps']} steps, fastest {row['fastest_s']:.3f} s, "
+    line = (head + f"{row['s_step']:.3f} s/step, {row['samples_s']:.3f} samples/s, {row['tflops']:.3f} TFLOP/s "
+            f"({row['gflop_step']:.1f} GFLOP/step); median of {row['steps']} steps, fastest {row['fastest_s']:.3f} s, "
             f"slowest {row['slowest_s']:.3f} s; first step {row['first_step_s']} s")
     if row.get("mfu") is not None:
         line += f", MFU {100 * row['mfu']:.1f}% of {row['peak_tflops']:g} TFLOP/s"
