@@ -39,7 +39,7 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round"
   if (( round % 2 )); then run "$TREE" rev; run "$REPO" work; else run "$REPO" work; run "$TREE" rev; fi
 done
-"$PY" - "$LOG" <<'PY'
+"$PY" - "$LOG" "${ARGS[@]}" <<'PY'
 import statistics, sys
 runs = {"rev": [], "work": []}
 for line in open(sys.argv[1]):
@@ -51,7 +51,10 @@ if not runs["rev"] or not runs["work"]:
 rev, work = statistics.median(runs["rev"]), statistics.median(runs["work"])
 print(f"median samples/s: REV {rev:.3f} ({len(runs['rev'])} runs), working tree {work:.3f} "
       f"({len(runs['work'])} runs); working tree / REV = {work / rev:.3f}")
-print(f"bar for base batch 4 fp32: >= 0.32 samples/s: {'PASS' if work >= 0.32 else 'FAIL'} (working tree)")
+args = sys.argv[2:]
+final = {flag: args[len(args) - 1 - args[::-1].index(flag) + 1] for flag in ("--preset", "--batch", "--dtype")}
+if final == {"--preset": "base", "--batch": "4", "--dtype": "fp32"}:  # the issue's bar for this one
+    print(f"bar for base batch 4 fp32: >= 0.32 samples/s: {'PASS' if work >= 0.32 else 'FAIL'} (working tree)")
 PY
 rc=$?
 rm -f "$LOG"
