@@ -189,22 +189,31 @@ def profile_step(trainer, batches, out_dir: str, tag: str) -> dict:
     return breakdown
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def sync_site(stack) -> str:
-    """The innermost frame of this project or DeepSpeed (else the innermost) as path:line."""
-    frames = [f for f in stack if "warnings.py" not in f.filename and "step_bench.py" not in f.filename]
-    ours = [f for f in frames if "/vlmo_large/" in f.filename or "/deepspeed/" in f.filename] or frames or stack
-    frame = ours[-1]
-    path = frame.filename
-    for marker in ("/vlmo_large/", "/deepspeed/", "/torch/"):
-        if marker in path:
-            path = marker.strip("/") + "/" + path.split(marker, 1)[1]
-            break
+    """The innermost frame in this repository or DeepSpeed (else the innermost) as path:line."""
+    def ours(path):
+        path = os.path.abspath(path)
+        in_repo = path.startswith(REPO + os.sep) and "site-packages" not in path
+        return (in_repo and path != os.path.abspath(__file__)) or f"site-packages{os.sep}deepspeed{os.sep}" in path
+
+    frames = [f for f in stack if not f.filename.endswith("warnings.py")]
+    frame = ([f for f in frames if ours(f.filename)] or frames or stack)[-1]
+    path = os.path.abspath(frame.filename)
+    if path.startswith(REPO + os.sep):
+        path = os.path.relpath(path, REPO)
+    elif "site-packages" + os.sep in path:
+        path = path.split("site-packages" + os.sep, 1)[1]
     return f"{path}:{frame.lineno} ({frame.name})"
 
 
 def sync_check(trainer, batches) -> dict:
-    """One step with torch.cuda.set_sync_debug_mode("warn"), every host sync counted by phase and
-    source line; if none, one more step under "error" (raises at any sync) confirms it."""
+    """One step with torch.cuda.set_sync_debug_mode("warn"): every host sync counted by phase and
+    source line. The step proper is to_device .. optimizer; "metrics" is the trainer's one read of
+    the loss terms after it (reported apart). If the step proper had none, one more step under
+    "error" (raises at any sync) confirms it."""
     import torch
 
     from vlmo_large.training.engine import model_dtype
@@ -226,21 +235,25 @@ def sync_check(trainer, batches) -> dict:
                 warnings.showwarning = lambda message, *rest: (  # called where the sync happens
                     sites.update([(phase, sync_site(traceback.extract_stack()))]) if "synchroniz" in str(message)
                     else None)
-                torch.cuda.set_sync_debug_mode(mode)
+                torch.cuda.set_sync_debug_mode(mode if phase != "metrics" else 0)
                 try:
                     steps[phase]()
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
+            if phase == "metrics" and mode == "warn":  # its one read: counted without the debug mode
+                sites[(phase, "training/trainer.py mean_over_data_parallel (.tolist, by design)")] += 1
         trainer.step += 1
 
     sites = Counter()
     one_step("warn", sites)
-    result = {"syncs": sum(sites.values()),
+    in_step = sum(n for (phase, _), n in sites.items() if phase != "metrics")
+    result = {"syncs": in_step,
               "sites": [{"phase": p, "where": w, "count": n} for (p, w), n in sites.most_common()]}
-    print(f"sync check: {result['syncs']} host syncs in one step (set_sync_debug_mode('warn'))", flush=True)
+    print(f"sync check: {in_step} host syncs in the step proper (to_device .. optimizer; "
+          f"set_sync_debug_mode('warn')), then the metrics read", flush=True)
     for s in result["sites"]:
         print(f"  {s['phase']:9s} {s['count']:4d} x {s['where']}")
-    if not result["syncs"]:
+    if not in_step:
         try:
             one_step("error", Counter())
             result["error_mode"] = "passed"
@@ -274,7 +287,9 @@ def run_batch(trainer, args, micro: int, versions: dict) -> dict:
                                           f"{'_compiled' if args.compile else ''}")
         if args.sync_check and torch.cuda.is_available():
             row["sync_check"] = sync_check(trainer, batches)
-    except torch.OutOfMemoryError as exc:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # cuBLAS/NCCL report theirs as RuntimeError
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
+            raise
         row["status"] = "OOM"
         row["error"] = str(exc).splitlines()[0][:300]
         return row
