@@ -285,7 +285,7 @@ def run_batch(trainer, args, micro: int, versions: dict) -> dict:
             row["profile"] = profile_step(trainer, batches, args.profile,
                                           f"{args.preset}_b{micro}_z{row['zero']}_{args.attention}"
                                           f"{'_compiled' if args.compile else ''}")
-        if args.sync_check and torch.cuda.is_available():
+        if args.sync_check and torch.cuda.is_available() and micro == args.batches[0]:  # once per run
             row["sync_check"] = sync_check(trainer, batches)
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # cuBLAS/NCCL report theirs as RuntimeError
         if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
