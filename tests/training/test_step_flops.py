@@ -79,7 +79,7 @@ def test_stage1_and_stage2_equal_the_hand_count():
 def test_a_real_step_counts_the_formula_plus_its_known_extra_work(stage):
     """torch's counter of a real forward + backward (unpadded, explicit attention) equals
     step_flops plus what the step computes beyond useful work: queries of positions the last
-    layer drops, the MLM head's empty slots; minus the patch embedding's input gradient (images
+    layer drops, the MLM head's empty slots, the MIM head at unmasked patches; minus the patch embedding's input gradient (images
     need none)."""
     cfg = get_preset("tiny", attention="explicit")
     torch.manual_seed(0)
@@ -94,7 +94,9 @@ def test_a_real_step_counts_the_formula_plus_its_known_extra_work(stage):
     dropped_queries = {"vl": B * (2 * (IMG - 1) + 2 * (T - 1)) + 4 * B * IMG, "text_mlm": 0, "mim": 0}[stage]
     slots = 0 if stage == "mim" else B * max_masked_tokens(T, 0.15) - int((batch["mlm_labels"] != -100).sum())
     image_passes = {"vl": 5 * B, "text_mlm": 0, "mim": B}[stage]
-    extra = 3 * 2 * (dropped_queries * D * D + slots * (D * D + D * V)) - 2 * conv_macs() * image_passes
+    unmasked_patches = B * PATCHES - int(batch["mim_mask"].sum()) if stage == "mim" else 0
+    extra = 3 * 2 * (dropped_queries * D * D + slots * (D * D + D * V) + unmasked_patches * D * PATCH * PATCH * 3) \
+        - 2 * conv_macs() * image_passes
     assert counter.get_total_flops() == pytest.approx(step_flops(cfg, stage, batch) + extra, rel=1e-9)
 
 

@@ -1,8 +1,8 @@
 """The training step reads no tensor value on the host (a GPU would stall its queue for each read).
 
 A guard replaces every Python-level way of reading a value (item, tolist, bool/int/float/index,
-nonzero, masked_select, boolean-mask indexing, numpy) with an error, then a real stage-3 / stage-2
-forward and backward runs on padded random batches. The one allowed reader is the backbone's
+nonzero, masked_select, boolean-mask indexing, numpy) with an error, then a real
+forward and backward of each stage runs on (text: padded) random batches. The one allowed reader is the backbone's
 `_padding_mask`, whose check runs on CPU tensors only (on a GPU it returns the mask unread).
 """
 import sys
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from tests.conftest import randomize_
 from vlmo_large.data.masking import IGNORE_INDEX, max_masked_tokens, whole_word_mlm
 from vlmo_large.model import build_model
-from vlmo_large.training.objectives import PretrainingObjective, itm_labels, masked_slots, mlm_loss
+from vlmo_large.training.objectives import (PretrainingObjective, itm_labels, masked_patch_loss, masked_slots,
+                                            mlm_loss)
 from vlmo_large.training.random_batches import random_batch
 
 ALLOWED_CALLERS = {"_padding_mask"}
@@ -69,17 +70,18 @@ def test_the_guard_catches_each_kind_of_host_read(no_host_reads):
             read()
 
 
-@pytest.mark.parametrize("stage", ["vl", "text_mlm"])
+@pytest.mark.parametrize("stage", ["vl", "text_mlm", "mim"])
 def test_forward_and_backward_of_a_step_read_nothing_on_the_host(stage, no_host_reads):
     torch.manual_seed(0)
     model = randomize_(build_model("tiny"))
-    batch = random_batch("image_text", model.cfg, 4, torch.Generator().manual_seed(3))
-    assert (batch["text_mask"] == 0).any(), "a padded batch: the key-mask path runs"
+    batch = random_batch("image" if stage == "mim" else "image_text", model.cfg, 4, torch.Generator().manual_seed(3))
+    assert stage == "mim" or (batch["text_mask"] == 0).any(), "a padded batch: the key-mask path runs"
     objective = PretrainingObjective(model, stage, seed=1, mlm_prob=0.15)  # random_batch's rate
     no_host_reads()
     out = objective(batch, step=2)
     out["loss"].backward()
-    assert model.mlm_head.decoder.weight.grad is not None
+    head = model.mim_head.predictor if stage == "mim" else model.mlm_head.decoder
+    assert head.weight.grad is not None
 
 
 def test_gathered_mlm_loss_equals_the_mean_over_masked_tokens():
@@ -118,6 +120,16 @@ def test_more_masked_tokens_than_slots_is_an_error_not_a_silent_drop():
     labels[0, :3] = 5
     with pytest.raises(RuntimeError, match="more than 2 tokens"):
         mlm_loss(model.mlm_head, torch.randn(1, 6, 64), labels, 2)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_masked_patch_loss_equals_the_loss_at_the_masked_patches(tokens):
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 6, 5, generator=gen)
+    targets = torch.randint(0, 5, (2, 6), generator=gen) if tokens else torch.randn(2, 6, 5, generator=gen)
+    mask = torch.tensor([[1, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    loss_fn = F.cross_entropy if tokens else F.mse_loss
+    torch.testing.assert_close(masked_patch_loss(pred, targets, mask), loss_fn(pred[mask], targets[mask]))
 
 
 def test_itm_labels_one_positive_then_two_negatives_per_sample():

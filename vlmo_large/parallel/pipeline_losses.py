@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch.nn.functional as F
 
 from vlmo_large.parallel import state
-from vlmo_large.training.objectives import LossWeights, contrastive_loss, mlm_loss
+from vlmo_large.training.objectives import LossWeights, contrastive_loss, masked_patch_loss, mlm_loss
 
 # Reported terms of each mode (the keys of objectives.py's stage dicts, "loss" aside).
 TERMS = {"vl": ("itc", "itc_vl", "itm", "mlm", "itm_acc", "logit_scale"), "mim": ("mim",),
@@ -38,11 +38,9 @@ def vl_terms(head, outputs, labels, weights: LossWeights, group, mlm_slots: int 
 
 
 def mim_terms(head, patches, labels) -> dict:
-    """Stage 1: predictions at the masked patches only, against normalised pixels or token ids."""
+    """Stage 1: predictions at the masked patches, against normalised pixels or token ids."""
     mask, target = labels
-    mask = mask.bool()
-    pred = head.mim_predictor(patches[mask]).float()
-    loss = F.mse_loss(pred, target[mask]) if target.is_floating_point() else F.cross_entropy(pred, target[mask])
+    loss = masked_patch_loss(head.mim_predictor(patches).float(), target, mask)
     return {"loss": loss, "mim": loss}
 
 

@@ -181,6 +181,19 @@ def normalized_pixel_targets(images: torch.Tensor, patch: int, eps: float = 1e-6
     return (patches - mean) / (var + eps).sqrt()
 
 
+def masked_patch_loss(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MIM loss over the masked patches: MSE against float targets [B, N, out] (normalised pixels),
+    else CE against token ids [B, N]. The head predicts every patch and the mask weighs the terms:
+    boolean indexing would size its result from the mask on the host (a sync on a GPU) and the
+    head is small next to the encoder. Equals the mean over masked patches (0 when none)."""
+    mask = mask.to(pred.dtype)
+    if targets.is_floating_point():
+        per_patch = (pred - targets.to(pred.dtype)).pow(2).mean(-1)
+    else:
+        per_patch = F.cross_entropy(pred.flatten(0, 1), targets.flatten(), reduction="none").view_as(mask)
+    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+
 # -- the stages -----------------------------------------------------------------------------------
 def mim_losses(model, batch: dict) -> dict:
     """Stage 1: predict the masked patches (normalised pixels, or visual-token ids if the config's
@@ -189,11 +202,9 @@ def mim_losses(model, batch: dict) -> dict:
     (image_pass,) = STEP_PASSES["mim"]
     hidden = model.backbone.encode_image(batch["image"], image_pass.vl_branch, mim_mask=mask,
                                          mask_token=model.mim_head.mask_token, keep=image_pass.kept(0))
-    pred = model.mim_head(hidden[:, 1:][mask]).float()
-    if model.cfg.mim_target == "token":
-        loss = F.cross_entropy(pred, batch["mim_targets"][mask])
-    else:
-        loss = F.mse_loss(pred, normalized_pixel_targets(batch["image"], model.cfg.patch_size)[mask])
+    targets = batch["mim_targets"] if model.cfg.mim_target == "token" else \
+        normalized_pixel_targets(batch["image"], model.cfg.patch_size)
+    loss = masked_patch_loss(model.mim_head(hidden[:, 1:]).float(), targets, mask)
     return {"loss": loss, "mim": loss}
 
 
