@@ -82,8 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def ds_config(args) -> dict:
     ds = {}
     if args.ds_config:
-        with open(args.ds_config) as f:
-            full = json.load(f)
+        try:
+            with open(args.ds_config) as f:
+                full = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--ds-config {args.ds_config}: {exc}")
         ds = {k: full[k] for k in ("zero_optimization", "communication_data_type") if k in full}
     zero = ds.setdefault("zero_optimization", {})
     if args.zero is not None:
