@@ -79,8 +79,8 @@ def test_stage1_and_stage2_equal_the_hand_count():
 def test_a_real_step_counts_the_formula_plus_its_known_extra_work(stage):
     """torch's counter of a real forward + backward (unpadded, explicit attention) equals
     step_flops plus what the step computes beyond useful work: queries of positions the last
-    layer drops, the MLM head's empty slots, the MIM head at unmasked patches; minus the patch embedding's input gradient (images
-    need none)."""
+    layer drops, the MLM head's empty slots, the MIM head at unmasked patches; minus the patch
+    embedding's input gradient (images need none)."""
     cfg = get_preset("tiny", attention="explicit")
     torch.manual_seed(0)
     model = randomize_(build_model(cfg))
