@@ -22,31 +22,32 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ZERO3_FILE = os.path.join(os.path.dirname(HERE), "ds_configs", "large_16gpu_zero3_bf16.json")
+CLUSTER_FILE = os.path.join(os.path.dirname(HERE), "ds_configs", "large_16gpu_zero2_bf16.json")
 
 # (what it measures, step_bench arguments, timeout s, minimum s worth starting). Compile of large
-# takes ~1-2 min per shape set on an H100; eager large processes ~30-60 s.
+# takes ~1-2 min per shape set on an H100; eager large processes ~30-60 s. Compiled rows run
+# ZeRO-2, the cluster recipe: ZeRO-3's hooks stop a whole-graph compile (launchers/CLUSTER.md).
 ROWS = (
-    ("large ZeRO-3 compiled (the target) + profile",
-     ["--preset", "large", "--batch", "32", "--zero", "3", "--compile", "--profile", "{out}/profile"], 240, 150),
-    ("large ZeRO-3 eager, micro 16/32/64",
-     ["--preset", "large", "--batch", "16,32,64", "--zero", "3"], 120, 60),
-    ("base ZeRO-3 eager, micro 16/32/64 + host-sync check",
-     ["--preset", "base", "--batch", "16,32,64", "--zero", "3", "--sync-check"], 100, 45),
-    ("base ZeRO-3 compiled",
-     ["--preset", "base", "--batch", "64", "--zero", "3", "--compile"], 150, 90),
+    ("large ZeRO-2 compiled (the target) + profile",
+     ["--preset", "large", "--batch", "32", "--zero", "2", "--compile", "--profile", "{out}/profile"], 240, 150),
+    ("large ZeRO-2 eager, micro 16/32/64",
+     ["--preset", "large", "--batch", "16,32,64", "--zero", "2"], 120, 60),
+    ("base ZeRO-2 eager, micro 16/32/64 + host-sync check",
+     ["--preset", "base", "--batch", "16,32,64", "--zero", "2", "--sync-check"], 100, 45),
+    ("base ZeRO-2 compiled",
+     ["--preset", "base", "--batch", "64", "--zero", "2", "--compile"], 150, 90),
+    ("large ZeRO-3 eager (the previous recipe)", ["--preset", "large", "--batch", "32", "--zero", "3"], 90, 45),
     ("large ZeRO-1 eager", ["--preset", "large", "--batch", "32", "--zero", "1"], 90, 45),
-    ("large ZeRO-2 eager", ["--preset", "large", "--batch", "32", "--zero", "2"], 90, 45),
-    ("base ZeRO-1 eager", ["--preset", "base", "--batch", "64", "--zero", "1"], 60, 35),
-    ("large ZeRO-3 compiled, SDPA instead of flex",
-     ["--preset", "large", "--batch", "32", "--zero", "3", "--compile", "--attention", "sdpa"], 200, 150),
+    ("base ZeRO-3 eager", ["--preset", "base", "--batch", "64", "--zero", "3"], 60, 35),
+    ("large ZeRO-2 compiled, SDPA instead of flex",
+     ["--preset", "large", "--batch", "32", "--zero", "2", "--compile", "--attention", "sdpa"], 200, 150),
 )
 
 
 def row_args(args: list[str], out: str, dry_run: bool) -> list[str]:
     """step_bench arguments of a row on this machine."""
     args = [a.replace("{out}", out) for a in args]
-    common = ["--ds-config", ZERO3_FILE]  # the cluster recipe's buckets and communication dtype
+    common = ["--ds-config", CLUSTER_FILE]  # the cluster recipe's buckets and communication dtype
     if not dry_run:
         return args + common + ["--dtype", "bf16", "--steps", "5", "--warmup", "2"]
     if "--compile" in args:  # a CPU compile of every shape takes minutes: the row runs eager

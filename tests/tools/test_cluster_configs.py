@@ -15,8 +15,8 @@ import estimate_memory  # noqa: E402
 
 # file -> (preset, tp, pp, dp): the layout each config is written for
 CLUSTER_CONFIGS = {
-    "base_8gpu_zero3_bf16.json": ("base", 1, 1, 8),
-    "large_16gpu_zero3_bf16.json": ("large", 1, 1, 16),
+    "base_8gpu_zero2_bf16.json": ("base", 1, 1, 8),
+    "large_16gpu_zero2_bf16.json": ("large", 1, 1, 16),
     "giant_64gpu_tp4_pp2_zero1_bf16.json": ("giant", 4, 2, 8),
 }
 

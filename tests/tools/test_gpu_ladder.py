@@ -13,15 +13,15 @@ def test_gpu_rows_run_bf16_with_the_cluster_zero_settings_and_the_target_row_fir
     first = gpu_ladder.row_args(gpu_ladder.ROWS[0][1], "/o", dry_run=False)
     assert first[:2] == ["--preset", "large"] and "--compile" in first and "--profile" in first
     assert first[first.index("--profile") + 1] == "/o/profile"
-    assert first[first.index("--zero") + 1] == "3" and first[first.index("--dtype") + 1] == "bf16"
-    assert first[first.index("--ds-config") + 1] == gpu_ladder.ZERO3_FILE and os.path.isfile(gpu_ladder.ZERO3_FILE)
+    assert first[first.index("--zero") + 1] == "2" and first[first.index("--dtype") + 1] == "bf16"
+    assert first[first.index("--ds-config") + 1] == gpu_ladder.CLUSTER_FILE and os.path.isfile(gpu_ladder.CLUSTER_FILE)
 
 
 def test_rows_that_no_longer_fit_the_budget_are_reported_skipped(tmp_path, capsys):
     assert gpu_ladder.main(["--out", str(tmp_path), "--budget", "10"]) == 0  # no row's minimum fits
     table = (tmp_path / "table.md").read_text()
     assert table.count("**skipped** (budget: ") == len(gpu_ladder.ROWS)
-    assert "| large | 32 | 3 | auto | yes | **skipped**" in table and table in capsys.readouterr().out
+    assert "| large | 32 | 2 | auto | yes | **skipped**" in table and table in capsys.readouterr().out
 
 
 def test_dry_run_rows_are_tiny_fp32_one_step_and_eager():
