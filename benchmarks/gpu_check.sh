@@ -25,15 +25,15 @@ PY=python3; [ "$DRY_RUN" = 1 ] && PY=python
   date -u +%FT%TZ
   if [ "$DRY_RUN" = 1 ]; then
     echo "DRY RUN on the CPU: tiny preset, fp32, one step per row, compiled rows run eager"
-    PRESET=tiny; LADDER_FLAGS=(--dry-run)
+    PRESET=tiny; LADDER_FLAG=--dry-run
   else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    PRESET=base; LADDER_FLAGS=()
+    PRESET=base; LADDER_FLAG=
   fi
   $PY -c "import torch, deepspeed, megatron.core, timm; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__)"
   echo "== attention backends vs explicit (fp32, TF32 off, padded text, every encoder mode)"
   timeout 90 $PY benchmarks/gpu_attention_check.py --preset "$PRESET" || echo "attention check: failed or timed out (exit $?)"
   echo "== step ladder (budget ${BUDGET} s)"
-  $PY benchmarks/gpu_ladder.py --out "$OUT" --budget "$BUDGET" "${LADDER_FLAGS[@]}"
+  $PY benchmarks/gpu_ladder.py --out "$OUT" --budget "$BUDGET" $LADDER_FLAG
   date -u +%FT%TZ
 } 2>&1 | tee "$OUT/gpu.log"
