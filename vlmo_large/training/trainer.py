@@ -20,6 +20,7 @@ from vlmo_large.errors import UserError
 from vlmo_large.formats.io import CheckpointError
 from vlmo_large.model import build_model
 from vlmo_large.parallel import state
+from vlmo_large.parallel.parallelize import parallelize, plan_from_config
 from vlmo_large.training import checkpointing, preemption
 from vlmo_large.training.engine import build_engine, is_zero3, model_dtype
 from vlmo_large.training.freezing import apply_stage_freezing
@@ -126,6 +127,8 @@ class Trainer:
                                       f"{len(report.missing)}, unused {len(report.unexpected)}")
             self.progress_note += [f"  new: {', '.join(report.missing)}"] if report.missing else []
         trainable, frozen = apply_stage_freezing(self.model, cfg.stage)
+        # checkpointing, attention backend, regional compile: once, here, before the engine wraps it
+        parallelize(self.model, plan_from_config(self.resolved.model))
         self.progress_note.append(f"stage {cfg.stage}: {trainable:,} trainable, {frozen:,} frozen parameters "
                                   f"(per TP rank); global batch {self.resolved.global_batch}")
 
