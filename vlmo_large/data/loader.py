@@ -8,12 +8,23 @@
     ckpt["data"] = loader.state_dict()   # JSON-serialisable; loader.load_state_dict(...) restores
 
 Order. Workers (torch DataLoader processes, or one in-process stream when num_workers=0) each
-produce one sample at a time; the DataLoader takes them round-robin, skipping finished workers,
-and batches are cut from that sequence in the main process. Every sample and its augmentation is
-a pure function of (seed, epoch, rank, worker layout, shard list), see sample_stream.
+read their own samples and cut them into batches of `batch_size` in their stream order, collated
+in the worker (worker_batches); the DataLoader takes the batches round-robin, skipping finished
+workers, so its prefetch_factor counts batches. The samples a worker has left at its end (fewer
+than a batch) are its tail: once every worker has ended, the tails are joined in worker order
+and cut into the epoch's last batches (the last partial one dropped under drop_last). Every
+sample and its augmentation is a pure function of (seed, epoch, rank, worker layout, shard
+list), see sample_stream. With 0 or 1 workers a batch is the next `batch_size` samples of the
+one stream; with more, each batch comes from one worker (samples are not interleaved across
+workers within a batch: that would need each worker to know the others' progress).
 
-State. Per worker: how many raw records it has delivered into yielded batches (`pos`), whether it
-is finished, and which shards it has completely delivered; plus the epoch, the worker whose turn
+Pixels. pixels="float" (default) yields normalised float32 images; pixels="uint8" yields the raw
+uint8 pixels, normalised on the device by device_batch.to_device (a quarter of the bytes to
+move and pin). pin_memory=True (CUDA only) yields batches in page-locked memory.
+
+State. Per worker: how many raw records it has delivered into yielded batches (`pos`; a tail
+waiting for the other workers' tails is not delivered yet), whether it is finished, and which
+shards it has completely delivered; plus the epoch, the worker whose turn
 is next, the skip counts, and the shard order of the epoch if it was re-laid-out (below).
 Samples of a batch cut off by drop_last at the end of an epoch count as delivered. When an epoch
 has been iterated to its end, the state moves to the next epoch at position 0.
@@ -43,10 +54,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from vlmo_large.data.decoding import CONVERTED
+from vlmo_large.data.device_batch import pin_batch
 from vlmo_large.data.sample_processing import SampleProcessor, collate
 from vlmo_large.data.sample_stream import SampleStream, epoch_shard_order
 from vlmo_large.data.shard_list import expand_shards
 from vlmo_large.data.tar_reader import DEFAULT_TIMEOUT_S
+from vlmo_large.data.worker_batches import WorkerBatches
 from vlmo_large.errors import UserError
 
 STATE_VERSION = 1
@@ -68,12 +81,13 @@ def _describe(state: dict, key: str) -> str:
 
 class StreamLoader:
     def __init__(self, stream: SampleStream, batch_size: int, *, num_workers: int = 0,
-                 drop_last: bool = True, prefetch_factor: int = 4, epoch: int = 0):
+                 drop_last: bool = True, prefetch_factor: int = 2, epoch: int = 0, pin_memory: bool = False):
         self.stream = stream
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = drop_last
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor = prefetch_factor  # batches per worker
+        self.pin_memory = pin_memory
         self._reset_epoch(epoch)
         self._skips: Counter = Counter()
 
@@ -129,42 +143,75 @@ class StreamLoader:
         stream.resume = {w: {"pos": s["pos"], "done": s["done"],
                              "placeholder": nxt is not None and w < nxt and self._last_worker is not None}
                          for w, s in self._workers.items()}
+        source = WorkerBatches(stream, self.batch_size)
         if self.num_workers > 0:
-            items = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                    prefetch_factor=self.prefetch_factor, persistent_workers=False))
+            items = iter(DataLoader(source, batch_size=None, num_workers=self.num_workers,
+                                    prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+                                    persistent_workers=False))
         else:
-            items = iter(stream)
-        staged = {w: dict(s, completed=list(s["completed"])) for w, s in self._workers.items()}
-        staged_skips, last_worker = Counter(), self._last_worker
-        pending: list[dict] = []
+            items = iter(source)
+        # `delivered`: the state as of the samples yielded so far; committed at every yield
+        delivered = {w: dict(s, completed=list(s["completed"])) for w, s in self._workers.items()}
+        skips: Counter = Counter()
+        ends: dict[int, dict] = {}  # worker -> its end item, its tail not yet (fully) delivered
 
-        def commit():
-            nonlocal staged_skips
-            self._workers = {w: dict(s, completed=list(s["completed"])) for w, s in staged.items()}
-            self._skips.update(staged_skips)
+        def deliver(w: int, item: dict, count: int, start: int = 0) -> None:
+            for k in range(start, start + count):
+                delivered[w]["pos"] = item["pos"][k]
+                delivered[w]["completed"].extend(item["completed"][k])
+                skips.update(item["events"][k])
+
+        def finish(w: int) -> None:
+            end = ends.pop(w)
+            delivered[w]["pos"] = end["end_pos"]
+            delivered[w]["completed"].extend(end["end_completed"])
+            delivered[w]["done"] = True
+            skips.update(end["end_events"])
+
+        def commit(last_worker) -> None:
+            self._workers = {w: dict(s, completed=list(s["completed"])) for w, s in delivered.items()}
+            self._skips.update(skips)
+            skips.clear()
             self._last_worker = last_worker
-            staged_skips = Counter()
 
+        last_worker = self._last_worker
         for item in items:
             if item.get("placeholder"):
                 continue
-            w = item["w"]
-            last_worker = w
-            staged[w]["pos"] = item["pos"]
-            staged[w]["completed"].extend(item["completed"])
-            staged_skips.update(item["events"])
+            w = last_worker = item["w"]
             if item.get("end"):
-                staged[w]["done"] = True
+                ends[w] = item
+                if not item["tail"]:
+                    finish(w)
                 continue
-            pending.append(item["sample"])
-            if len(pending) == self.batch_size:
-                commit()
-                yield collate(pending)
-                pending = []
-        commit()
-        if pending and not self.drop_last:
-            yield collate(pending)
+            deliver(w, item, len(item["pos"]))
+            commit(w)
+            yield pin_batch(item["batch"]) if self.pin_memory else item["batch"]
+        yield from self._tail_batches(ends, deliver, finish, lambda: commit(last_worker))
+        commit(last_worker)
         self._reset_epoch(self.epoch + 1)
+
+    def _tail_batches(self, ends: dict, deliver, finish, commit):
+        """Every worker has ended: their tails, joined in worker order, cut into batches."""
+        tails = {w: ends[w]["tail"] for w in sorted(ends)}
+        pieces = [(w, k) for w, tail in tails.items() for k in range(len(tail))]
+        size = self.batch_size
+        stop = len(pieces) // size * size if self.drop_last else len(pieces)
+        for start in range(0, stop, size):
+            # the epoch's last batch also delivers the samples drop_last cuts off
+            through = len(pieces) if start + size >= stop else start + size
+            for w, tail in tails.items():
+                taken = [k for v, k in pieces[start:through] if v == w]
+                if taken:
+                    deliver(w, ends[w], len(taken), taken[0])
+                    if taken[-1] == len(tail) - 1:
+                        finish(w)
+            commit()
+            batch = collate([tails[w][k] for w, k in pieces[start:start + size]])
+            yield pin_batch(batch) if self.pin_memory else batch
+        for w in list(ends):  # too few for one batch under drop_last: cut off, counted as delivered
+            deliver(w, ends[w], len(tails[w]))
+            finish(w)
 
     # ----- checkpointing --------------------------------------------------------------------
     def _layout(self) -> dict:
@@ -242,22 +289,25 @@ def build_loader(kind: str, shards, batch_size: int, *, tokenizer=None, image_si
                  world_size: int | None = None, num_workers: int = 0, seed: int = 0, epoch: int = 0,
                  mlm_prob: float = 0.15, mim_ratio: float = 0.4, patch_size: int = 16,
                  drop_last: bool = True, shuffle_buffer: int = 1000, augment: str = "spec",
-                 prefetch_factor: int = 4, shard_timeout: float = DEFAULT_TIMEOUT_S) -> StreamLoader:
+                 prefetch_factor: int = 2, shard_timeout: float = DEFAULT_TIMEOUT_S, pixels: str = "float",
+                 pin_memory: bool = False) -> StreamLoader:
     """A resumable loader of `kind` in {"image_text", "image", "text"} batches (see module doc).
 
     rank/world_size: the DATA-parallel rank and size (pass megatron's DP rank under tensor or
     pipeline parallelism); when omitted, torch.distributed's, else 0/1. `augment`: "spec",
     "light" or "none" (transforms.py); ignored when train=False. `shards`: local paths, patterns or
     URLs (shard_list); a shard that sends no byte for `shard_timeout` seconds is skipped and counted.
+    `prefetch_factor`: batches each worker keeps ready. `pixels`: "float" (normalised) or "uint8"
+    (normalise on the device: device_batch.to_device). `pin_memory`: page-locked batches (CUDA).
     """
     rank, world_size = _resolve_rank(rank, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     processor = SampleProcessor(kind, tokenizer, image_size, max_text_len, train=train,
                                 mlm_prob=mlm_prob, mim_ratio=mim_ratio, patch_size=patch_size,
-                                augment=augment)
+                                augment=augment, pixels=pixels)
     stream = SampleStream(expand_shards(shards), processor, rank=rank, world_size=world_size,
                           num_workers=num_workers, seed=seed, shuffle=train, shuffle_buffer=shuffle_buffer,
                           shard_timeout=shard_timeout)
     return StreamLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last,
-                        prefetch_factor=prefetch_factor, epoch=epoch)
+                        prefetch_factor=prefetch_factor, epoch=epoch, pin_memory=pin_memory)

@@ -54,6 +54,7 @@ class SampleProcessor:
     mim_ratio: float = 0.4
     patch_size: int = 16
     augment: str = "spec"
+    pixels: str = "float"  # "uint8": raw pixels, normalised on the device (transforms.py)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -62,8 +63,8 @@ class SampleProcessor:
             raise ValueError(f"kind {self.kind!r} needs a tokenizer")
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
-        self.transform = (train_transform(self.image_size, self.augment) if self.train
-                          else eval_transform(self.image_size))
+        self.transform = (train_transform(self.image_size, self.augment, pixels=self.pixels) if self.train
+                          else eval_transform(self.image_size, pixels=self.pixels))
 
     def __call__(self, record: dict, seed: int, notes: list[str]) -> dict:
         """Tensors for one record, or SkipSample. `notes` collects non-fatal events."""

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from vlmo_large.data.device_batch import model_pixels
 from vlmo_large.evaluation.gather import default_group, gather_rows, sum_over_ranks, vocab_parallel_argmax
 from vlmo_large.evaluation.retrieval import chance_r_at_1, retrieval_metrics
 
@@ -70,7 +71,7 @@ def _run_batches(model, batches, max_batches, seed) -> dict:
     for step, batch in enumerate(batches):
         if max_batches is not None and step >= max_batches:
             break
-        images = batch["image"].to(device, param.dtype)  # bf16 models take bf16 pixels
+        images = model_pixels(batch["image"], device, param.dtype)  # uint8 or normalised; bf16 models take bf16
         ids, mask = batch["text_ids"].to(device), batch["text_mask"].to(device)
         size = images.shape[0]
         keys = batch["index"].to(device) if "index" in batch else None

@@ -35,7 +35,7 @@ class HeldOutEvaluator:
                               image_size=model_cfg.image_size, max_text_len=model_cfg.max_text_len, train=False,
                               rank=state.dp_rank(), world_size=state.dp_size(), seed=cfg.seed,
                               mlm_prob=cfg.data.mlm_prob, mim_ratio=cfg.data.mim_ratio,
-                              patch_size=model_cfg.patch_size)
+                              patch_size=model_cfg.patch_size, pixels="uint8")  # to_device normalises
         dtype = model_dtype(engine)
         return [to_device(b, engine.device, dtype) for b in islice(loader, self.cfg.eval.batches)]
 

@@ -56,7 +56,8 @@ def build_batches(cfg: RunConfig, resolved: ResolvedRun):
     return build_loader(kind, data.shards, resolved.micro, tokenizer=tokenizer, image_size=model_cfg.image_size,
                         max_text_len=model_cfg.max_text_len, rank=state.dp_rank(), world_size=state.dp_size(),
                         num_workers=data.num_workers, seed=cfg.seed, mlm_prob=data.mlm_prob,
-                        mim_ratio=data.mim_ratio, patch_size=model_cfg.patch_size, augment=data.augment)
+                        mim_ratio=data.mim_ratio, patch_size=model_cfg.patch_size, augment=data.augment,
+                        pixels="uint8", pin_memory=torch.cuda.is_available())  # to_device normalises
 
 
 def endless(loader):
@@ -89,8 +90,9 @@ def mean_over_data_parallel(sums: dict, count: int, flag: Optional[bool] = None)
 
 
 def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    """The batch on the device; uint8 images normalised there (data/device_batch.py)."""
+    from vlmo_large.data.device_batch import to_device as batch_to_device
+    return batch_to_device(batch, device, dtype)
 
 
 class Trainer:
