@@ -1,12 +1,18 @@
 """Data pipeline cost per sample, to size the CPU cores each GPU needs.
 
-    python benchmarks/data_bench.py [--samples 64] [--sizes 224 384] [--source-side 640]
+    python benchmarks/data_bench.py [--samples 64] [--sizes 224 384] [--source-side 640] [--workers 0 1 2]
 
 Builds a temporary shard of JPEG photos-like images (source long side --source-side, like web and
 COCO images) with captions, then reports per-sample milliseconds of each step — read (tar),
 decode (JPEG -> RGB), augment (the spec's train transform), tokenise, mask (whole-word MLM + block
 MIM) — and the end-to-end samples/s of one worker through `build_loader`. Cores per GPU =
 (samples/s one GPU consumes) / (samples/s per worker), plus one for the training process.
+
+Then, at the first size, the loader's throughput for each --workers count, float pixels
+(normalised in the worker) side by side with uint8 pixels (normalised on the device afterwards,
+device_batch.to_device, timed here on the CPU as part of the uint8 path), per run and per worker
+core (workers=0: the main process is the one core). The shard is replicated so every worker has
+its own shards.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import argparse
 import io
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -66,6 +73,8 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 384])
     p.add_argument("--source-side", type=int, default=640)
     p.add_argument("--max-text-len", type=int, default=40)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--batch", type=int, default=16)
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker
     rng = random.Random(0)
@@ -121,6 +130,34 @@ def main(argv=None) -> None:
         print("\ncores per GPU (data workers) for a GPU consuming N samples/s:")
         for need in (100, 250, 500, 1000):
             print(f"  N={need:<5}" + "".join(f"{need / v:>12.1f}" for v in throughput))
+        worker_table(args, tmp, shard, tok)
+
+
+def loader_rate(shards, tok, args, workers: int, pixels: str) -> float:
+    """Samples/s through build_loader (train transform, full batches), images ready for the model."""
+    from vlmo_large.data.device_batch import to_device
+
+    loader = build_loader("image_text", shards, args.batch, tokenizer=tok, image_size=args.sizes[0],
+                          max_text_len=args.max_text_len, num_workers=workers, shuffle_buffer=16, pixels=pixels)
+    t0 = time.perf_counter()
+    n = sum(len(to_device(b, "cpu", torch.float32)["keys"]) for b in loader)
+    return n / (time.perf_counter() - t0)
+
+
+def worker_table(args, tmp, shard, tok) -> None:
+    copies = max(1, max(args.workers))
+    shards = []
+    for i in range(copies):  # one shard per worker (a worker reads whole shards)
+        path = os.path.join(tmp, f"copy-{i:06d}.tar")
+        shutil.copyfile(shard, path)
+        shards.append(path)
+    print(f"\nloader at {args.sizes[0]}px, train transform, batch {args.batch}, {copies} x {args.samples} samples "
+          f"(startup of worker processes included)")
+    print(f"{'workers':<9}{'float s/s':>11}{'uint8 s/s':>11}{'float /core':>13}{'uint8 /core':>13}")
+    for workers in args.workers:
+        rates = [loader_rate(shards, tok, args, workers, pixels) for pixels in ("float", "uint8")]
+        cores = max(1, workers)
+        print(f"{workers:<9}{rates[0]:>11.1f}{rates[1]:>11.1f}{rates[0] / cores:>13.1f}{rates[1] / cores:>13.1f}")
 
 
 if __name__ == "__main__":

@@ -38,3 +38,17 @@ def test_cluster_config_fits_80gb_cards(name, capsys):
     assert estimate_memory.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["fits_gpu"] and result["total_gib"] <= 80, result
+
+
+RECIPES = sorted(n for n in os.listdir(os.path.join(REPO, "configs")) if n.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_sets_its_data_workers(name):
+    """data.num_workers is chosen per recipe (launchers/CLUSTER.md, "Data workers"), never the default 0."""
+    from vlmo_large.training.run_config import load_run_config, read_mapping
+    path = os.path.join(REPO, "configs", name)
+    assert read_mapping(path)["data"]["num_workers"] >= 1, name
+    cfg = load_run_config(path)  # every key valid
+    if name.startswith("cluster_"):
+        assert cfg.preset == name[len("cluster_"):-len(".yaml")] and cfg.data.num_workers >= 2
