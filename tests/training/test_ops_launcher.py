@@ -88,6 +88,25 @@ def run(args, timeout=DEADLINE) -> subprocess.CompletedProcess:
                           env=env())
 
 
+class Background:
+    """A one-process run started now and collected later; output goes to files, so that several
+    run side by side without a full pipe stalling one."""
+
+    def __init__(self, args, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.stdout, self.stderr = folder / "stdout.txt", folder / "stderr.txt"
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, text=True, cwd=REPO,
+                                         env=env())
+
+    def result(self) -> subprocess.CompletedProcess:
+        try:
+            rc = self.proc.wait(timeout=DEADLINE)
+        finally:
+            self.proc.kill()
+        return subprocess.CompletedProcess(self.proc.args, rc, self.stdout.read_text(), self.stderr.read_text())
+
+
 def stopped_step(log: str, signal_name: str) -> int:
     (step,) = re.findall(rf"stopped at step (\d+) on {signal_name}: checkpoint step\d+ written", log)
     return int(step)
@@ -98,6 +117,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_auto_continues_exactly(
     out, reference_out = tmp_path / "run", tmp_path / "reference"
     steps = "schedule.steps=1000"  # never reached: every run here ends on a signal
     first = Launch(launcher_args(out, steps))
+    # the uninterrupted run to compare with, trained alongside (it stops past the resumed run's last step)
+    reference = Launch(launcher_args(reference_out, steps, "tracking_uri=none"))
     first.wait_for(r"^step 1/1000 ")
 
     # a second run into the same folder while the first holds it: refused before training
@@ -130,7 +151,6 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_auto_continues_exactly(
     assert rc == 0, log[-3000:]
     end = stopped_step(log, "SIGUSR1")
 
-    reference = Launch(launcher_args(reference_out, steps, "tracking_uri=none"))
     reference.wait_for(rf"^step {end}/1000 ")
     reference.proc.send_signal(signal.SIGTERM)
     assert reference.finish()[0] == 0
@@ -171,9 +191,9 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 
 # -- item 8b: divergence ------------------------------------------------------------------------------
-def test_divergence_stops_with_one_line_naming_the_first_non_finite_step(tmp_path):
-    out = tmp_path / "run"
-    result = run(launcher_args(out, "schedule.steps=30", "optim.lr=10000"))
+def test_divergence_stops_with_one_line_naming_the_first_non_finite_step(one_shot_runs):
+    out = one_shot_runs["folder"] / "diverge" / "run"
+    result = one_shot_runs["diverge"].result()
     assert result.returncode == 2, result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     (tracked,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -201,10 +221,9 @@ def broken_weights(tmp_path):
     return path
 
 
-def test_bad_init_is_one_line_and_exit_2(tmp_path):
-    broken = broken_weights(tmp_path)
-    result = run(launcher_args(tmp_path / "run", "schedule.steps=2", "tracking_uri=none", f"--init={broken}",
-                               threads=False))
+def test_bad_init_is_one_line_and_exit_2(one_shot_runs):
+    broken = one_shot_runs["broken"]
+    result = one_shot_runs["bad_init"].result()
     assert result.returncode == 2, result.stderr[-3000:]
     line = _one_error_line(result.stderr)
     assert line.startswith("error: ") and str(broken) in line
@@ -214,11 +233,9 @@ def test_bad_init_is_one_line_and_exit_2(tmp_path):
     assert f"threads: {cores} torch threads per rank ({cores} cores / 1 local rank)" in result.stdout, result.stdout
 
 
-def test_bad_init_on_two_ranks_is_one_line_and_no_worker_traceback(tmp_path):
-    broken = broken_weights(tmp_path)
-    launch = Launch(launcher_args(tmp_path / "run", "schedule.steps=2", "tracking_uri=none", f"--init={broken}",
-                                  ds=os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")), torchrun=2)
-    rc, log = launch.finish()
+def test_bad_init_on_two_ranks_is_one_line_and_no_worker_traceback(one_shot_runs):
+    broken = one_shot_runs["broken"]
+    rc, log = one_shot_runs["bad_init_two_ranks"].finish()
     assert rc != 0
     errors = [line for line in log.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: ") and str(broken) in errors[0], log[-3000:]
@@ -226,14 +243,43 @@ def test_bad_init_on_two_ranks_is_one_line_and_no_worker_traceback(tmp_path):
     assert re.search(r"exitcode\s*:\s*2", log), log[-3000:]  # both workers exited 2
 
 
-def test_resume_over_changed_shards_is_one_line_and_exit_2(tmp_path, dataset):
-    out = tmp_path / "run"
+def test_resume_over_changed_shards_is_one_line_and_exit_2(one_shot_runs, dataset):
+    out = one_shot_runs["folder"] / "shards" / "run"
     shards = dataset["image_text"]["train"]
-    args = ["schedule.steps=2", "tracking_uri=none", "data.source=shards", f"data.tokenizer={dataset['tokenizer']}",
-            "data.augment=light"]
-    first = run(launcher_args(out, *args, f"data.shards={shards}"))
+    first = one_shot_runs["shards"].result()
     assert first.returncode == 0, first.stderr[-3000:]
     changed = "data.shards=" + json.dumps(expand_shards(shards)[:-1])  # one shard fewer than the checkpoint's
-    result = run(launcher_args(out, *args, changed, "schedule.steps=4", "--resume", "auto"))
+    result = run(launcher_args(out, *shard_run_args(dataset), changed, "schedule.steps=4", "--resume", "auto"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert _one_error_line(result.stderr).startswith("error: resume: ")
+
+
+def shard_run_args(dataset) -> list[str]:
+    return ["schedule.steps=2", "tracking_uri=none", "data.source=shards", f"data.tokenizer={dataset['tokenizer']}",
+            "data.augment=light"]
+
+
+@pytest.fixture(scope="module")
+def one_shot_runs(tmp_path_factory, dataset):
+    """The runs of this module that end by themselves (divergence, a broken --init on one and on two
+    ranks, the first run of the changed-shards resume), started together when the first is needed:
+    on a 2-core machine their start-ups (imports, process groups) overlap instead of adding up."""
+    root = tmp_path_factory.mktemp("one_shot")
+    broken = broken_weights(root)
+    shards = f"data.shards={dataset['image_text']['train']}"
+    runs = {
+        "diverge": Background(launcher_args(root / "diverge" / "run", "schedule.steps=30", "optim.lr=10000"),
+                              root / "diverge"),
+        # no OMP_NUM_THREADS, no --threads: the launcher chooses the thread count itself
+        "bad_init": Background(launcher_args(root / "bad_init" / "run", "schedule.steps=2", "tracking_uri=none",
+                                             f"--init={broken}", threads=False), root / "bad_init"),
+        "bad_init_two_ranks": Launch(launcher_args(root / "bad_init_two_ranks" / "run", "schedule.steps=2",
+                                                   "tracking_uri=none", f"--init={broken}",
+                                                   ds=os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")),
+                                     torchrun=2),
+        "shards": Background(launcher_args(root / "shards" / "run", *shard_run_args(dataset), shards),
+                             root / "shards"),
+    }
+    yield {"folder": root, "broken": broken, **runs}
+    for launched in runs.values():
+        launched.proc.kill()
