@@ -25,6 +25,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from vlmo_large.model import build_model  # noqa: E402
+from vlmo_large.parallel.parallelize import parallelize, plan_from_config  # noqa: E402
 
 
 def parse_args():
@@ -35,7 +36,8 @@ def parse_args():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--attention", choices=["auto", "sdpa", "explicit"], default="auto")
+    p.add_argument("--attention", choices=["auto", "sdpa", "flex", "explicit"], default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (parallel/parallelize.py)")
     p.add_argument("--host-memory", choices=("retain", "default"), default="retain",
                    help="retain: keep freed host memory (both models), as launchers/pretrain.py does on a CPU")
     p.add_argument("--decompose", action="store_true",
@@ -92,7 +94,8 @@ def main():
         from vlmo_large.cpu_memory import retain_freed_memory
         retain_freed_memory()
     torch.manual_seed(0)
-    model = build_model(args.preset, drop_path_rate=0.0, attention=args.attention).to(device)
+    model = build_model(args.preset, drop_path_rate=0.0, attention=args.attention, compile=args.compile).to(device)
+    parallelize(model, plan_from_config(model.cfg))
     cfg = model.cfg
     beit = timm_beit(cfg).to(device)
     B, T = args.batch, min(args.text_len, cfg.max_text_len)
@@ -119,7 +122,7 @@ def main():
             model.zero_grad(set_to_none=True)
             beit.zero_grad(set_to_none=True)
             times[name].append(step_time(runs[name], device, args.dtype))
-    print(f"preset={args.preset} batch={B} device={device} dtype={args.dtype} attention={args.attention} "
+    print(f"preset={args.preset} batch={B} device={device} dtype={args.dtype} attention={args.attention} compile={args.compile} "
           f"threads={torch.get_num_threads()} rounds={args.rounds}")
     print(f"{'path':<24}{'tokens':>8}{'best s':>10}{'median s':>10}{'samples/s':>11}{'tokens/s':>10}")
     for name in runs:
