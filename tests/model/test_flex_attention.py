@@ -11,6 +11,7 @@ import torch
 from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
 
 from tests.conftest import image_batch, randomize_, text_batch
+from vlmo_large.errors import UserError
 from vlmo_large.model import build_model
 from vlmo_large.model import flex_attention
 
@@ -138,3 +139,10 @@ def test_padding_block_mask_is_built_once_per_pass(monkeypatch):
         built.clear()
         model.backbone.encode_pair(ids, mask, images, keep=5)
         assert sorted(built) == [5, ids.shape[1] + model.cfg.num_patches + 1]
+
+
+def test_training_with_public_flex_on_cpu_is_a_clear_error():
+    model, ids, mask, images = _model_and_batch()
+    _set_backend(model, "flex")
+    with pytest.raises(UserError, match="model.attention 'flex' cannot train on a CPU"):
+        model.backbone.encode_text(ids, mask)

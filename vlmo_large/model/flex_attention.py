@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from vlmo_large.errors import UserError
+
 _kernel = flex_attention  # module attribute so tests can swap in a differentiable CPU reference
 _BLOCK = 128  # FlexAttention's default sparse block size
 
@@ -52,6 +54,10 @@ def padding_block_masks(key_mask: torch.Tensor | None, seq_len: int, keep: int |
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                 block_mask: BlockMask | None, scale: float) -> torch.Tensor:
     """q [B, H, Lq, d], k/v [B, H, L, d], bias [H, Lq, L] or None -> [B, H, Lq, d]."""
+    if _kernel is flex_attention and q.device.type == "cpu" and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)):
+        raise UserError("model.attention 'flex' cannot train on a CPU (torch's CPU FlexAttention kernel has no "
+                        "backward): use 'auto', 'sdpa' or 'explicit' there")
     score_mod = None
     if bias is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
