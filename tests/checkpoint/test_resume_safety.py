@@ -20,16 +20,41 @@ from vlmo_large.checkpoint.safe_engine import load_weights_only
 LAUNCHER = os.path.join(REPO, "launchers", "pretrain.py")
 
 
-def launch(out, data: dict, nproc: int, *extra, zero: int = 0, steps: int = 4) -> subprocess.CompletedProcess:
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MLFLOW_DISABLE_TELEMETRY="true")
+
+
+def command(out, data: dict, nproc: int, *extra, zero: int = 0, steps: int = 4) -> list[str]:
     """One rank as a plain process (torchrun would add its own traceback to a refusal), else torchrun."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MLFLOW_DISABLE_TELEMETRY="true")
     runner = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *runner, LAUNCHER,
-           "--ds_config", os.path.join(REPO, "ds_configs", f"cpu_fp32_zero{zero}.json"), "preset=tiny", "stage=vl",
-           f"output_dir={out}", f"data.shards={data['image_text']['train']}", f"data.tokenizer={data['tokenizer']}",
-           "batch.micro=4", f"schedule.steps={steps}", "schedule.warmup=1", "checkpoint.every=2",
-           "checkpoint.keep=2", "log_every=1", *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    return [sys.executable, *runner, LAUNCHER,
+            "--ds_config", os.path.join(REPO, "ds_configs", f"cpu_fp32_zero{zero}.json"), "preset=tiny", "stage=vl",
+            f"output_dir={out}", f"data.shards={data['image_text']['train']}", f"data.tokenizer={data['tokenizer']}",
+            "batch.micro=4", f"schedule.steps={steps}", "schedule.warmup=1", "checkpoint.every=2",
+            "checkpoint.keep=2", "log_every=1", *extra]
+
+
+def launch(out, data: dict, nproc: int, *extra, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command(out, data, nproc, *extra, **kwargs), env=ENV, capture_output=True, text=True,
+                          timeout=240, cwd=REPO)
+
+
+class Started:
+    """A launch begun now and collected later (output in files, so that no full pipe stalls it)."""
+
+    def __init__(self, folder, data: dict, nproc: int, *extra, **kwargs):
+        folder.mkdir(parents=True)
+        self.logs = folder / "stdout.txt", folder / "stderr.txt"
+        with open(self.logs[0], "w") as out, open(self.logs[1], "w") as err:
+            self.proc = subprocess.Popen(command(folder / "run", data, nproc, *extra, **kwargs), env=ENV, stdout=out,
+                                         stderr=err, text=True, cwd=REPO)
+        self.out = folder / "run"
+
+    def result(self) -> subprocess.CompletedProcess:
+        try:
+            rc = self.proc.wait(timeout=240)
+        finally:
+            self.proc.kill()
+        return subprocess.CompletedProcess(self.proc.args, rc, *(log.read_text() for log in self.logs))
 
 
 def ok(result: subprocess.CompletedProcess) -> None:
@@ -51,8 +76,17 @@ def user_error(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def zero0_run(tmp_path_factory, dataset):  # noqa: F811
-    """One rank, ZeRO-0, 4 steps, checkpoints at steps 2 and 4."""
+def dp2_zero1_run(tmp_path_factory, dataset):  # noqa: F811
+    """Two ranks, ZeRO-1, 2 steps, a checkpoint at step 2; started at once, collected when needed."""
+    started = Started(tmp_path_factory.mktemp("dp2") / "dp2", dataset, 2, zero=1, steps=2)
+    yield started
+    started.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tmp_path_factory, dataset, dp2_zero1_run):  # noqa: F811
+    """One rank, ZeRO-0, 4 steps, checkpoints at steps 2 and 4. It trains alongside the DP=2 run
+    (fixture dp2_zero1_run), so that on a 2-core machine their start-ups overlap."""
     out = tmp_path_factory.mktemp("zero0") / "run"
     ok(launch(out, dataset, 1))
     return out
@@ -109,10 +143,10 @@ def test_a_zero0_checkpoint_resumes_on_two_ranks(zero0_run, dataset, tmp_path): 
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_dp2_zero1_checkpoint_at_dp1_names_the_portable_route(dataset, tmp_path):  # noqa: F811
-    ok(launch(tmp_path / "dp2", dataset, 2, zero=1, steps=2))
-    ckpt = tmp_path / "dp2" / "checkpoints"
-    line = user_error(launch(tmp_path / "dp2", dataset, 1, "--resume", "auto", zero=1))
+def test_a_dp2_zero1_checkpoint_at_dp1_names_the_portable_route(dataset, dp2_zero1_run, tmp_path):  # noqa: F811
+    ok(dp2_zero1_run.result())
+    ckpt = dp2_zero1_run.out / "checkpoints"
+    line = user_error(launch(dp2_zero1_run.out, dataset, 1, "--resume", "auto", zero=1))
     assert "layout changed" in line and "TP=1 PP=1 DP=2 ZeRO-1" in line and "TP=1 PP=1 DP=1 ZeRO-1" in line
     assert f"to-portable {ckpt} PORTABLE --tag step00000002" in line
     # the route: to-portable, then resume from it on one rank
