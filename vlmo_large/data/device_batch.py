@@ -17,8 +17,9 @@ _STATS: dict = {}  # device -> (mean, std) as [3, 1, 1] float32, made once per d
 
 
 def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if device not in _STATS:
-        _STATS[device] = tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in (MEAN, STD))
+    if device not in _STATS:  # filled on the device: no blocking host copy (sync-free steps on CUDA)
+        _STATS[device] = tuple(torch.stack([torch.full((1, 1), float(c), dtype=torch.float32, device=device)
+                                            for c in values]) for values in (MEAN, STD))
     return _STATS[device]
 
 
