@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from tests.checkpoint.conftest import assert_outputs_equal
 from tests.checkpoint.ds_train import probe_outputs
-from tests.training.conftest import REPO
-from tests.training.test_launcher_pipeline import launch, pipeline_run
+from tests.training.conftest import REPO, StartedTorchrun
+from tests.training.test_launcher_pipeline import launch, launcher_args, pipeline_run
 from tools.convert_checkpoint import main as convert_main
 from vlmo_large.checkpoint import PlainCheckpoint, to_plain
 from vlmo_large.model import build_model
@@ -25,6 +25,19 @@ def outputs_of(path: str) -> dict:
     model.load_state_dict({k: v.float() for k, v in state.items()})
     with torch.no_grad():
         return probe_outputs(model)
+
+
+@pytest.fixture(scope="module")
+def pp2_zero0_run(tmp_path_factory):
+    """PP=2 ZeRO-0 fp32, 1 step: started when first asked for (by the bf16 test, so that the two
+    runs' start-ups overlap), collected by the test that converts it."""
+    data = pipeline_run(tmp_path_factory)["data"]
+    out = tmp_path_factory.mktemp("pp2_zero0") / "z0"
+    started = StartedTorchrun(launcher_args(out, data, "parallel.pp=2", "schedule.steps=1",
+                                            ds=os.path.join(REPO, "ds_configs", "cpu_fp32_zero0.json")),
+                              out.parent / "console", nproc=2, timeout=300)
+    yield out, started
+    started.proc.kill()
 
 
 def test_pp2_fp32_to_plain_equals_the_export(tmp_path_factory, tmp_path):
@@ -45,7 +58,7 @@ def test_pp2_fp32_to_plain_equals_the_export(tmp_path_factory, tmp_path):
 
 
 @pytest.mark.slow
-def test_tp2_pp2_bf16_to_plain_equals_the_export(tmp_path_factory, tmp_path):
+def test_tp2_pp2_bf16_to_plain_equals_the_export(tmp_path_factory, tmp_path, pp2_zero0_run):
     data = pipeline_run(tmp_path_factory)["data"]
     ds = tmp_path / "bf16_zero1.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}))
@@ -59,17 +72,16 @@ def test_tp2_pp2_bf16_to_plain_equals_the_export(tmp_path_factory, tmp_path):
     assert all(torch.equal(ours[k].bfloat16(), theirs[k]) for k in ours)
 
 
-def test_pp2_zero0_converts_with_its_adam_moments(tmp_path_factory, tmp_path):
+def test_pp2_zero0_converts_with_its_adam_moments(pp2_zero0_run, tmp_path):
     """ZeRO-0 pipeline checkpoints store no param_shapes; their Adam moments sit in each stage's
     torch optimizer state, named by the trainer's client_state. After one step from zero moments
     exp_avg = (1-b1) g and exp_avg_sq = (1-b2) g^2 for every tensor the stages hold."""
-    data = pipeline_run(tmp_path_factory)["data"]
-    launch(tmp_path / "z0", data, 2, "parallel.pp=2", "schedule.steps=1",
-           ds=os.path.join(REPO, "ds_configs", "cpu_fp32_zero0.json"))
-    ckpt = str(tmp_path / "z0" / "checkpoints")
+    out, started = pp2_zero0_run
+    started.result()
+    ckpt = str(out / "checkpoints")
     assert convert_main(["to-plain", ckpt, str(tmp_path / "plain")]) == 0
     ours = load_file(str(tmp_path / "plain" / "model.safetensors"))
-    theirs = load_file(str(tmp_path / "z0" / "export" / "model.safetensors"))
+    theirs = load_file(str(out / "export" / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert convert_main(["to-portable", ckpt, str(tmp_path / "portable")]) == 0
     m, v = (PlainCheckpoint(str(tmp_path / "portable" / part)) for part in ("exp_avg", "exp_avg_sq"))

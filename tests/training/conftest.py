@@ -16,6 +16,29 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subproc
     return result
 
 
+class StartedTorchrun:
+    """run_torchrun begun now and collected later with result(), so that a test's other processes
+    start up alongside it; output goes to files in `folder` (no pipe fills up and stalls it)."""
+
+    def __init__(self, args: list[str], folder, nproc: int = 2, timeout: int = 240):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MLFLOW_DISABLE_TELEMETRY="true")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+        os.makedirs(folder, exist_ok=True)
+        self.logs, self.timeout = (os.path.join(folder, "stdout.txt"), os.path.join(folder, "stderr.txt")), timeout
+        with open(self.logs[0], "w") as out, open(self.logs[1], "w") as err:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, cwd=REPO)
+
+    def result(self) -> subprocess.CompletedProcess:
+        try:
+            rc = self.proc.wait(timeout=self.timeout)
+        finally:
+            self.proc.kill()
+        with open(self.logs[0]) as out, open(self.logs[1]) as err:
+            result = subprocess.CompletedProcess(self.proc.args, rc, out.read(), err.read())
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return result
+
+
 @pytest.fixture(scope="session")
 def multi_rank_results(tmp_path_factory):
     """One torchrun (2 ranks, ZeRO-3) running every multi-process check of dist_worker.py."""

@@ -15,13 +15,17 @@ DS = os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")
 TERMS = ("loss", "itc", "itc_vl", "itm", "mlm", "itm_acc", "logit_scale")
 
 
+def launcher_args(out, data: dict, *extra, ds: str = DS) -> list[str]:
+    """4 steps of stage vl, micro-batch 4, checkpoints every 2 steps."""
+    return [LAUNCHER, "--ds_config", ds, "preset=tiny", "stage=vl", f"output_dir={out}",
+            f"data.shards={data['image_text']['train']}", f"data.tokenizer={data['tokenizer']}",
+            "data.augment=light", "batch.micro=4", "schedule.steps=4", "schedule.warmup=1",
+            "checkpoint.every=2", "checkpoint.keep=2", "log_every=1", *extra]
+
+
 def launch(out, data: dict, nproc: int, *extra, ds: str = DS) -> list[dict]:
-    """4 steps of stage vl, micro-batch 4, checkpoints every 2 steps; -> metrics.jsonl."""
-    result = run_torchrun([LAUNCHER, "--ds_config", ds, "preset=tiny", "stage=vl", f"output_dir={out}",
-                           f"data.shards={data['image_text']['train']}", f"data.tokenizer={data['tokenizer']}",
-                           "data.augment=light", "batch.micro=4", "schedule.steps=4", "schedule.warmup=1",
-                           "checkpoint.every=2", "checkpoint.keep=2", "log_every=1", *extra],
-                          nproc=nproc, timeout=180)
+    """launcher_args run to the end; -> metrics.jsonl and the console output."""
+    result = run_torchrun(launcher_args(out, data, *extra, ds=ds), nproc=nproc, timeout=300)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f]
     return history, result.stdout + result.stderr
