@@ -34,7 +34,20 @@ def _run(args, timeout=240):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-def test_run_is_tracked_in_the_embedded_store(tmp_path, dataset):
+@pytest.fixture(scope="module")
+def eval_without_split(tmp_path_factory, dataset):
+    """The refused `eval_every=2` launch, started when first asked for (by the tracked-run test,
+    so that the two processes start up together) and collected by the test that checks it."""
+    out = tmp_path_factory.mktemp("eval_without_split")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    with open(out / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(_args(out / "bad", dataset, "eval_every=2"), stdout=subprocess.DEVNULL, stderr=err,
+                                text=True, env=env, cwd=REPO)
+    yield proc, out / "stderr.txt"
+    proc.kill()
+
+
+def test_run_is_tracked_in_the_embedded_store(tmp_path, dataset, eval_without_split):
     out = tmp_path / "run"
     result = _run(_args(out, dataset, "eval_every=2", f"eval.shards={dataset['image_text']['val']}",
                         "eval.batches=2", f"eval.retrieval_shards={dataset['retrieval']['shards']}",
@@ -55,10 +68,10 @@ def test_run_is_tracked_in_the_embedded_store(tmp_path, dataset):
     assert figures == ["figures/retrieval_examples_step000002.png", "figures/retrieval_examples_step000004.png"]
 
 
-def test_eval_every_without_a_split_is_a_config_error(tmp_path, dataset):
-    result = _run(_args(tmp_path / "bad", dataset, "eval_every=2"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: eval_every=2 needs eval.shards or eval.retrieval_json"
+def test_eval_every_without_a_split_is_a_config_error(eval_without_split):
+    proc, stderr = eval_without_split
+    assert proc.wait(timeout=240) == 2
+    assert stderr.read_text().strip().splitlines()[-1] == "error: eval_every=2 needs eval.shards or eval.retrieval_json"
 
 
 RANDOM_RUN = ["preset=tiny", "stage=vl", "data.source=random", "batch.micro=2", "schedule.warmup=1",
