@@ -8,7 +8,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from tests.training.conftest import REPO, run_torchrun
+from tests.training.conftest import REPO, StartedTorchrun, run_torchrun
 
 LAUNCHER = os.path.join(REPO, "launchers", "pretrain.py")
 DS = os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")
@@ -26,9 +26,7 @@ def launcher_args(out, data: dict, *extra, ds: str = DS) -> list[str]:
 def launch(out, data: dict, nproc: int, *extra, ds: str = DS) -> list[dict]:
     """launcher_args run to the end; -> metrics.jsonl and the console output."""
     result = run_torchrun(launcher_args(out, data, *extra, ds=ds), nproc=nproc, timeout=300)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        history = [json.loads(line) for line in f]
-    return history, result.stdout + result.stderr
+    return metrics(out), result.stdout + result.stderr
 
 
 def pipeline_run(tmp_path_factory) -> dict:
@@ -52,9 +50,35 @@ def pp2(tmp_path_factory):
     return pipeline_run(tmp_path_factory)
 
 
-def test_pipeline_losses_equal_the_non_pipeline_run(pp2, tmp_path):
+def metrics(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def after_pp2(pp2, tmp_path_factory):
+    """The two runs that follow the PP=2 run, started together (their start-ups overlap on 2 cores):
+    the PP=1 reference on one rank, and the PP=2 resume from the checkpoint directory as a job that
+    ended after step 2 left it. -> {name: (output folder, started run)}."""
+    root = tmp_path_factory.mktemp("after_pp2")
+    # the resume's folder: the PP=2 run's checkpoints without step 4
+    shutil.copytree(os.path.join(pp2["out"], "checkpoints"), root / "resume" / "checkpoints")
+    shutil.rmtree(root / "resume" / "checkpoints" / "step00000004")
+    runs = {"pp1": (root / "pp1", StartedTorchrun(launcher_args(root / "pp1", pp2["data"]), root / "pp1_console",
+                                                  nproc=1, timeout=300)),
+            "resume": (root / "resume", StartedTorchrun(launcher_args(root / "resume", pp2["data"], "parallel.pp=2",
+                                                                      "--resume", "auto"),
+                                                        root / "resume_console", nproc=2, timeout=300))}
+    yield runs
+    for _, started in runs.values():
+        started.proc.kill()
+
+
+def test_pipeline_losses_equal_the_non_pipeline_run(pp2, after_pp2):
     # PP=2 on 2 ranks has DP=1: its global batch is one rank's micro-batch, as one PP=1 process
-    reference, _ = launch(tmp_path / "pp1", pp2["data"], 1)
+    out, started = after_pp2["pp1"]
+    started.result()
+    reference = metrics(out)
     got = pp2["history"]
     assert [h["step"] for h in got] == [1, 2, 3, 4]
     for ref, mine in zip(reference, got):
@@ -78,17 +102,16 @@ def test_pipeline_checkpoints_and_export(pp2):
         assert json.load(f)["name"] == "tiny"
 
 
-def test_pipeline_resume_equals_the_uninterrupted_run(pp2, tmp_path):
-    # the checkpoint directory as a job that ended after step 2 left it
-    shutil.copytree(os.path.join(pp2["out"], "checkpoints"), tmp_path / "checkpoints")
-    shutil.rmtree(tmp_path / "checkpoints" / "step00000004")
-    resumed, log = launch(tmp_path, pp2["data"], 2, "parallel.pp=2", "--resume", "auto")
+def test_pipeline_resume_equals_the_uninterrupted_run(pp2, after_pp2):
+    out, started = after_pp2["resume"]
+    result = started.result()
+    resumed, log = metrics(out), result.stdout + result.stderr
     assert "resumed from step00000002 at step 2" in log
     assert [h["step"] for h in resumed] == [3, 4]
     for full, mine in zip(pp2["history"][2:], resumed):
         for key in TERMS:
             assert abs(full[key] - mine[key]) < 1e-6, (key, full, mine)
-    a = load_file(str(tmp_path / "export" / "model.safetensors"))
+    a = load_file(str(out / "export" / "model.safetensors"))
     b = load_file(os.path.join(pp2["out"], "export", "model.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
