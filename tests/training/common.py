@@ -54,3 +54,30 @@ def run_config(out_dir: str, **overrides) -> RunConfig:
             node = node.setdefault(part, {})
         node[last] = value
     return build_dataclass(RunConfig, data)
+
+
+ONE_PROCESS_DS = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
+
+
+class Recorder:
+    """A tracker that keeps what the trainer logs, for tests that read it back."""
+
+    def __init__(self):
+        self.metrics = []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, path):
+        pass
+
+
+def destroy_one_process_group():
+    """Take down the in-memory process group the trainers of a module shared (DeepSpeed keeps
+    the first group it saw, so it is cleared too)."""
+    from deepspeed.utils import groups
+
+    from vlmo_large.parallel import state
+
+    state.destroy()
+    groups._WORLD_GROUP = None

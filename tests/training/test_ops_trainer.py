@@ -6,26 +6,15 @@ import subprocess
 
 import pytest
 
-from tests.training.common import run_config
+from tests.training.common import ONE_PROCESS_DS, Recorder, destroy_one_process_group, run_config
 from vlmo_large.formats.io import CheckpointError
-from vlmo_large.parallel import state
 from vlmo_large.training import checkpointing
 from vlmo_large.training.random_batches import RandomBatches
 from vlmo_large.training.trainer import Trainer
 from vlmo_large.training.validation import resolve_run
 
-DS = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
+DS = ONE_PROCESS_DS
 
-
-class Recorder:
-    def __init__(self):
-        self.metrics = []
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_artifact(self, path):
-        pass
 
 
 def train(out, tracker=None, **overrides):
@@ -39,9 +28,7 @@ def one_process_group():
     """The trainers of this module share one in-memory process group, as dist_worker.py's do
     (DeepSpeed keeps the first group it saw); it is taken down after the last one."""
     yield
-    from deepspeed.utils import groups
-    state.destroy()
-    groups._WORLD_GROUP = None  # DeepSpeed's cached clone of the destroyed world group
+    destroy_one_process_group()
 
 
 @pytest.fixture

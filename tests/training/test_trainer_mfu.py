@@ -2,34 +2,21 @@
 micro-batches (one rank in this process, tiny, random data); no perf/mfu without a known peak (CPU)."""
 import pytest
 
-from tests.training.common import run_config
-from vlmo_large.parallel import state
+from tests.training.common import ONE_PROCESS_DS, Recorder, destroy_one_process_group, run_config
 from vlmo_large.training.objectives import DATA_KIND
 from vlmo_large.training.random_batches import RandomBatches
 from vlmo_large.training.step_flops import step_flops
 from vlmo_large.training.trainer import Trainer
 from vlmo_large.training.validation import resolve_run
 
-DS = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
+DS = ONE_PROCESS_DS
 
-
-class Recorder:
-    def __init__(self):
-        self.metrics = []
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_artifact(self, path):
-        pass
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_process_group():
     yield
-    from deepspeed.utils import groups
-    state.destroy()
-    groups._WORLD_GROUP = None  # DeepSpeed's cached clone of the destroyed world group
+    destroy_one_process_group()
 
 
 def test_tflops_per_gpu_are_the_steps_flops_over_its_time(tmp_path):
