@@ -213,8 +213,8 @@ class MlflowTracker(Tracker):
                 self._retry_now.clear()
                 backoff = min(2 * backoff, self._retry_max)
                 continue
+            self._mark_connected()  # before settle: whoever sees the outbox idle (flush) sees the reconnect too
             self._outbox.settle()
-            self._mark_connected()
             backoff = self._retry_min
             if op.kind == "finish":
                 self._terminated.set()
