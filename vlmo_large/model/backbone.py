@@ -110,6 +110,13 @@ class MoMEBackbone(nn.Module):
         x = self.embed_text(ids)
         return self._single_modality(x, "text", "text", _padding_mask(mask), ids.shape[1], vl_branch, keep)
 
+    def encode_image_and_text(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        """The unimodal passes of stage 3's ITC: ((image, image_vl), (text, text_vl)), each [B, 1, D]
+        (CLS only), final and VL-branch."""
+        image = self.encode_image(images, vl_branch=True, keep=1)
+        text = self.encode_text(ids, mask, vl_branch=True, keep=1)
+        return image, text
+
     def encode_pair(self, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor,
                     modality_row: int = IMAGE_ROW, keep: Optional[int] = None) -> torch.Tensor:
         """Fused encoder over [text ; image]; returns the final-normed sequence (text first)."""

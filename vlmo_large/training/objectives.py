@@ -226,8 +226,9 @@ def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=No
     bb = model.backbone
     image_pass, text_pass, fused_pass = STEP_PASSES["vl"]
     B, T = batch["text_ids"].shape
-    image, image_vl = bb.encode_image(batch["image"], image_pass.vl_branch, keep=image_pass.kept(T))
-    text, text_vl = bb.encode_text(batch["text_ids"], batch["text_mask"], text_pass.vl_branch, keep=text_pass.kept(T))
+    assert image_pass.vl_branch and text_pass.vl_branch and image_pass.keep == text_pass.keep == "cls"
+    (image, image_vl), (text, text_vl) = bb.encode_image_and_text(batch["image"], batch["text_ids"],
+                                                                  batch["text_mask"])
     itc_main, i2t, t2i = contrastive_loss(*model.itc(image[:, 0], text[:, 0]), model.itc.logit_scale, group)
     itc_vl, _, _ = contrastive_loss(*model.itc_vl(image_vl[:, 0], text_vl[:, 0]), model.itc_vl.logit_scale, group)
     itc = (itc_main + itc_vl) / 2
