@@ -52,8 +52,8 @@ def main(weights_path: str, out_dir: str, tp: int, pp: int) -> None:
 
     from vlmo_large.config import get_preset
     from vlmo_large.parallel import state
-    from vlmo_large.parallel.pipeline_engine import PipelineStep, build_pipeline_engine
-    from vlmo_large.parallel.pipeline_weights import gather_plain_state_dict
+    from vlmo_large.training.pipeline_engine import PipelineStep, build_pipeline_engine
+    from vlmo_large.training.pipeline_weights import gather_plain_state_dict
 
     cfg = get_preset("tiny")
     weights = load_file(weights_path)

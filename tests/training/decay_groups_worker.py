@@ -1,6 +1,6 @@
 """One process: the weight decay DeepSpeed's optimizer applies to each parameter as the launcher
 sets training up, through the Trainer (training/engine.py) and the PipelineTrainer
-(parallel/pipeline_engine.py, here with one stage), for each optim.decay_rule.
+(training/pipeline_engine.py, here with one stage), for each optim.decay_rule.
 Writes {rule: {"engine": {name: wd}, "pipeline": {name: wd}}} to argv[1]."""
 import json
 import sys
@@ -16,7 +16,7 @@ def main(out_path: str) -> None:
 
     from tests.training.common import ds_config, run_config
     from vlmo_large.parallel import state
-    from vlmo_large.parallel.pipeline_weights import named_plain_parameters
+    from vlmo_large.training.pipeline_weights import named_plain_parameters
     from vlmo_large.training.pipeline_trainer import PipelineTrainer
     from vlmo_large.training.run_config import DECAY_RULES
     from vlmo_large.training.trainer import Trainer

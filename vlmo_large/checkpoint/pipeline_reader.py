@@ -9,7 +9,7 @@ What DeepSpeed's pipeline engine writes into a tag folder:
 Trainable tensors are read from the optimizer's fp32 master partitions (deepspeed_reader._TPRank
 does that part, one per MM); frozen ones and ZeRO-0 runs from the layer files (ZeRO-0's Adam
 moments from the `optimizer` of each mp_rank file, by the names the trainer stored). Layer LL is
-pipeline layer LL of parallel/pipeline_module.py (0 embeddings, 1 + i block i, depth + 1 head),
+pipeline layer LL of training/pipeline_module.py (0 embeddings, 1 + i block i, depth + 1 head),
 whose `plain_name` gives the VLMo name; block layers hold slices of the relative-position table,
 concatenated back in layer order. Tensors no pipeline layer of the stage holds come from the
 trainer's client_state (training/pipeline_trainer.OUTSIDE_KEY). Files are mmap-loaded, one tensor

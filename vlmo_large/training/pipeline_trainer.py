@@ -4,7 +4,7 @@
 
 The loop, logging, checkpoint protocol, resume and metrics file are Trainer's; what differs:
   - the model: VLMo is built whole from the seed or `init` as in Trainer (the same initial
-    weights at any layout), then each rank keeps only its stage's layers (parallel/pipeline_*.py);
+    weights at any layout), then each rank keeps only its stage's layers (parallel/pipeline_layers.py, training/pipeline_*.py);
   - a step: `grad_accum` micro-batches go through PipelineStep as one pipeline schedule. In stage
     vl the ITC logits and the hard-negative pool are per micro-batch (the non-pipeline path's with
     grad_accum=1);
@@ -28,8 +28,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vlmo_large.checkpoint.pipeline_reader import OUTSIDE_KEY  # client_state: {plain name: tensor} no stage holds
 from vlmo_large.parallel import state
-from vlmo_large.parallel.pipeline_engine import PipelineStep, build_pipeline_engine
-from vlmo_large.parallel.pipeline_weights import gather_plain_state_dict, named_plain_parameters
+from vlmo_large.training.pipeline_engine import PipelineStep, build_pipeline_engine
+from vlmo_large.training.pipeline_weights import gather_plain_state_dict, named_plain_parameters
 from vlmo_large.parallel.sharding import gather_full_state_dict
 from vlmo_large.training.engine import model_dtype, with_torch_fused_adamw
 from vlmo_large.training.objectives import LossWeights

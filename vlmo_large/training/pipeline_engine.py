@@ -24,9 +24,9 @@ import torch.distributed as dist
 from vlmo_large.config import ModelConfig
 from vlmo_large.parallel import state
 from vlmo_large.parallel.layout import validate_layout
-from vlmo_large.parallel.pipeline_module import MoMEPipeline
+from vlmo_large.training.pipeline_module import MoMEPipeline
 from vlmo_large.parallel.pipeline_topology import pipeline_topology
-from vlmo_large.parallel.pipeline_weights import freeze_for_stage, load_plain_state_dict, param_groups
+from vlmo_large.training.pipeline_weights import freeze_for_stage, load_plain_state_dict, param_groups
 from vlmo_large.training.engine import model_dtype, prepare_deepspeed
 from vlmo_large.training.objectives import itm_pairs, normalized_pixel_targets
 

@@ -14,7 +14,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 
 from vlmo_large.config import ModelConfig
 from vlmo_large.parallel.pipeline_layers import STAGE_MODES, BlockLayer, EmbeddingLayer, HeadLayer
-from vlmo_large.parallel.pipeline_losses import TERMS, PipelineLoss
+from vlmo_large.training.pipeline_losses import TERMS, PipelineLoss
 
 
 class MoMEPipeline(PipelineModule):
