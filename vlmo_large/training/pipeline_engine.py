@@ -29,6 +29,7 @@ from vlmo_large.parallel.pipeline_topology import pipeline_topology
 from vlmo_large.training.pipeline_weights import freeze_for_stage, load_plain_state_dict, param_groups
 from vlmo_large.training.engine import model_dtype, prepare_deepspeed
 from vlmo_large.training.objectives import itm_pairs, normalized_pixel_targets
+from vlmo_large.training.objectives import itm_labels as objectives_itm_labels
 
 
 def build_pipeline_engine(cfg: ModelConfig, stage: str, ds_config: dict, tensor_parallel: int,
@@ -113,7 +114,7 @@ class PipelineStep:
                           torch.cat([mb["mlm_ids"], pairs["text_ids"]]),
                           torch.cat([mb["text_mask"], pairs["text_mask"]]),
                           torch.cat([mb["image"], pairs["image"]]))
-            itm_labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()  # itm_pairs' order
+            itm_labels = objectives_itm_labels(B, mb["mlm_labels"].device)  # made on the device, no copy
             data.append((inputs, (mb["mlm_labels"], itm_labels)))
         return self._train("vl", data)
 

@@ -27,6 +27,7 @@ from megatron.core import parallel_state
 from torch.optim.lr_scheduler import LambdaLR
 
 from vlmo_large.checkpoint.pipeline_reader import OUTSIDE_KEY  # client_state: {plain name: tensor} no stage holds
+from vlmo_large.data.masking import max_masked_tokens
 from vlmo_large.parallel import state
 from vlmo_large.training.pipeline_engine import PipelineStep, build_pipeline_engine
 from vlmo_large.training.pipeline_weights import gather_plain_state_dict, named_plain_parameters
@@ -66,6 +67,8 @@ class PipelineTrainer(Trainer):
             weights=full, weight_decay=cfg.optim.weight_decay, decay_rule=cfg.optim.decay_rule,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)))
         self.engine.module.loss_fn.weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
+        # the MLM head's fixed slot count, as PretrainingObjective sets it (no host sync per step)
+        self.engine.module.loss_fn.mlm_slots = max_masked_tokens(resolved.model.max_text_len, cfg.data.mlm_prob)
         self.runner = PipelineStep(self.engine, seed=cfg.seed,
                                    itm_skip_identical_text=cfg.loss.itm_skip_identical_text)
         held = held_names(self.engine.module)
