@@ -128,13 +128,13 @@ def batch_source(trainer, args, micro: int):
     """An endless iterator of host batches of `micro` samples."""
     import torch
 
-    from vlmo_large.training.objectives import DATA_KIND
+    from vlmo_large.tasks.registry import get_task
     from vlmo_large.training.random_batches import RandomBatches
     from vlmo_large.training.trainer import endless
 
     if args.shards:
         return endless(trainer.loader)
-    made = RandomBatches(DATA_KIND[trainer.cfg.stage], trainer.resolved.model, micro, trainer.cfg.seed)
+    made = RandomBatches(get_task(trainer.cfg.stage).data_kind, trainer.resolved.model, micro, trainer.cfg.seed)
     batches = list(itertools.islice(iter(made), 2))  # two distinct batches, made before timing
     if torch.cuda.is_available():
         batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]

@@ -22,7 +22,7 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 warnings.filterwarnings("ignore")
 
-STAGES = {"mim": ("image", 150), "text_mlm": ("text", 150), "vl": ("image_text", None)}
+CHAIN_STEPS = {"mim": 150, "text_mlm": 150}  # --chain: the steps of stages 1 and 2 before stage 3
 
 
 def parse_args(argv=None):
@@ -37,7 +37,10 @@ def parse_args(argv=None):
 
 
 def stage_config(args, manifest: dict, stage: str, steps: int, init: str | None) -> dict:
-    kind = STAGES[stage][0]
+    from vlmo_large.tasks.registry import get_task
+
+    task = get_task(stage)
+    kind = task.data_kind
     cfg = {
         "preset": "tiny", "stage": stage, "seed": args.seed, "init": init,
         "output_dir": os.path.join(args.out, stage), "log_every": max(steps // 8, 1),
@@ -50,7 +53,7 @@ def stage_config(args, manifest: dict, stage: str, steps: int, init: str | None)
         "schedule": {"steps": steps, "warmup": max(steps // 20, 1)},
         "checkpoint": {"every": 0, "keep": 1},
     }
-    if stage == "vl":
+    if task.retrieval:
         cfg["eval_every"] = max(steps // 4, 1)
         cfg["eval"] = {"shards": manifest["image_text"]["val"], "batches": 4,
                        "retrieval_shards": manifest["retrieval"]["shards"],
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
     init = None
     if args.chain:
         for stage in ("mim", "text_mlm"):
-            init = run_stage(args, manifest, stage, STAGES[stage][1], init)
+            init = run_stage(args, manifest, stage, CHAIN_STEPS[stage], init)
     export_dir = run_stage(args, manifest, "vl", args.steps, init)
     report_retrieval(args, manifest, export_dir)
     print(f"done in {time.time() - start:.0f} s. Plain checkpoint: {export_dir}\n"

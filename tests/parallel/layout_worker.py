@@ -68,16 +68,16 @@ def ds_config(zero: int) -> dict:
 
 def record_negatives() -> list:
     """Wrap the ITM sampler so that every draw of this rank is kept, in call order."""
-    from vlmo_large.training import objectives
+    from vlmo_large.tasks import losses
 
-    drawn, sample = [], objectives.sample_hard_negatives
+    drawn, sample = [], losses.sample_hard_negatives
 
     def recording(*args, **kwargs):
         out = sample(*args, **kwargs)
         drawn.append(out.detach().clone())
         return out
 
-    objectives.sample_hard_negatives = recording
+    losses.sample_hard_negatives = recording  # itm_pairs looks it up there
     return drawn
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tests.parallel.layout_worker import GLOBAL_BATCH, OPTIM, SEED, TERMS, global_batch
 from tests.training.conftest import REPO, run_torchrun
 from vlmo_large.model import build_model
+from vlmo_large.tasks import losses
 from vlmo_large.training import objectives
 from vlmo_large.training.freezing import apply_stage_freezing
 from vlmo_large.training.optimization import param_groups
@@ -60,7 +61,7 @@ def reference_step(weights_path: str, negatives: list[torch.Tensor]):
         return next(replay)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(objectives, "sample_hard_negatives", replayed)
+        patch.setattr(losses, "sample_hard_negatives", replayed)
         out = objectives.PretrainingObjective(model, "vl", seed=SEED)(global_batch(model.cfg), step=0)
     assert next(replay, None) is None, "the reference made fewer ITM draws than the ranks"
     out["loss"].backward()

@@ -146,6 +146,8 @@ def test_itm_pairs_can_skip_candidates_with_the_positives_text():
 
 def test_the_config_switch_reaches_the_vl_objective(monkeypatch):
     from tests.training.common import run_config
+    from vlmo_large.tasks import vl
+    from vlmo_large.tasks.loss_weights import LossWeights
     from vlmo_large.training import objectives
     assert run_config("/tmp/x").loss.itm_skip_identical_text is False, "off by default"
     cfg = run_config("/tmp/x", **{"loss.itm_skip_identical_text": True})
@@ -157,17 +159,17 @@ def test_the_config_switch_reaches_the_vl_objective(monkeypatch):
     batch = {"image": torch.randn(B, 3, 64, 64, generator=gen), "text_ids": ids, "text_mask": torch.ones(B, T, dtype=torch.long),
              "mlm_ids": ids.clone(), "mlm_labels": torch.full((B, T), -100)}
     drawn = []
-    real = objectives.itm_pairs
+    real = vl.itm_pairs
 
     def recording(*args, **kwargs):
         out = real(*args, **kwargs)
         drawn.append((int(out["image_for_text"][0]), int(out["text_for_image"][0])))
         return out
 
-    monkeypatch.setattr(objectives, "itm_pairs", recording)
+    monkeypatch.setattr(vl, "itm_pairs", recording)  # where the vl task looks it up
     for skip in (cfg.loss.itm_skip_identical_text, False):
         drawn.clear()
-        objective = objectives.PretrainingObjective(model, "vl", seed=1, itm_skip_identical_text=skip)
+        objective = objectives.PretrainingObjective(model, "vl", LossWeights(itm_skip_identical_text=skip), seed=1)
         with torch.no_grad():
             for step in range(12):
                 objective(batch, step)

@@ -112,5 +112,5 @@ def test_peak_by_exact_card():
 
 
 def test_unknown_stage_is_refused():
-    with pytest.raises(ValueError, match="unknown stage 'foo'"):
+    with pytest.raises(ValueError, match="unknown task 'foo'"):
         step_flops(get_preset("tiny"), "foo", {})

@@ -3,7 +3,7 @@ micro-batches (one rank in this process, tiny, random data); no perf/mfu without
 import pytest
 
 from tests.training.common import ONE_PROCESS_DS, Recorder, destroy_one_process_group, run_config
-from vlmo_large.training.objectives import DATA_KIND
+from vlmo_large.tasks.registry import get_task
 from vlmo_large.training.random_batches import RandomBatches
 from vlmo_large.training.step_flops import step_flops
 from vlmo_large.training.trainer import Trainer
@@ -30,7 +30,7 @@ def test_tflops_per_gpu_are_the_steps_flops_over_its_time(tmp_path):
     logged = {step: m for step, m in recorder.metrics if "loss" in m}
     assert sorted(logged) == [1, 2, 3]
     # the trainer's batches, drawn again: batch i of rank 0 is a function of (seed, rank, i)
-    batches = iter(RandomBatches(DATA_KIND[cfg.stage], resolved.model, micro, cfg.seed, 0, cfg.data.mlm_prob,
+    batches = iter(RandomBatches(get_task(cfg.stage).data_kind, resolved.model, micro, cfg.seed, 0, cfg.data.mlm_prob,
                                  cfg.data.mim_ratio))
     for step in range(1, steps + 1):
         flops = sum(step_flops(resolved.model, cfg.stage, next(batches)) for _ in range(accum))

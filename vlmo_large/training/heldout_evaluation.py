@@ -1,6 +1,7 @@
-"""Evaluation during training on held-out data: the stage's loss terms on `eval.shards` and, in
-stage vl, zero-shot retrieval R@1/R@5 both ways, ITM accuracy and MLM accuracy, plus a
-retrieval-examples figure when a retrieval split (images + captions JSON) is configured.
+"""Evaluation during training on held-out data: the task's loss terms on `eval.shards` and what the
+task adds (Task.heldout_metrics; stage vl: zero-shot retrieval R@1/R@5 both ways, ITM accuracy and
+MLM accuracy), plus, for a task with `retrieval`, held-out retrieval and a retrieval-examples figure
+when a retrieval split (images + captions JSON) is configured.
 
 Every rank calls it (the metrics are collectives over the data-parallel group).
 """
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vlmo_large.parallel import state
-from vlmo_large.training.objectives import DATA_KIND
+from vlmo_large.tasks.registry import get_task
 from vlmo_large.training.run_config import RunConfig
 from vlmo_large.training.validation import ResolvedRun
 
@@ -20,6 +21,7 @@ from vlmo_large.training.validation import ResolvedRun
 class HeldOutEvaluator:
     def __init__(self, cfg: RunConfig, resolved: ResolvedRun, tracker=None):
         self.cfg, self.resolved, self.tracker = cfg, resolved, tracker
+        self.task = get_task(cfg.stage)
         self.tokenizer = None
         if cfg.data.tokenizer:
             from vlmo_large.data import load_tokenizer
@@ -31,7 +33,7 @@ class HeldOutEvaluator:
         from vlmo_large.training.trainer import to_device
 
         cfg, model_cfg = self.cfg, self.resolved.model
-        loader = build_loader(DATA_KIND[cfg.stage], cfg.eval.shards, self.resolved.micro, tokenizer=self.tokenizer,
+        loader = build_loader(self.task.data_kind, cfg.eval.shards, self.resolved.micro, tokenizer=self.tokenizer,
                               image_size=model_cfg.image_size, max_text_len=model_cfg.max_text_len, train=False,
                               rank=state.dp_rank(), world_size=state.dp_size(), seed=cfg.seed,
                               mlm_prob=cfg.data.mlm_prob, mim_ratio=cfg.data.mim_ratio,
@@ -45,10 +47,8 @@ class HeldOutEvaluator:
         if self.cfg.eval.shards:
             batches = self._batches(engine)
             results.update(self._loss_terms(engine, batches, step))
-            if self.cfg.stage == "vl":
-                from vlmo_large.evaluation import evaluate_pretraining
-                results.update(evaluate_pretraining(model, batches))
-        if self.cfg.eval.retrieval_json and self.cfg.stage == "vl":
+            results.update(self.task.heldout_metrics(model, batches))
+        if self.cfg.eval.retrieval_json and self.task.retrieval:
             results.update(self._retrieval(model, step))
         return results
 

@@ -18,10 +18,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from vlmo_large.errors import UserError
+from vlmo_large.tasks.loss_weights import LossWeights
 
-
-STAGES = ("mim", "text_mlm", "vl")
-DATA_KIND = {"mim": "image", "text_mlm": "text", "vl": "image_text"}  # the data loader kind of each stage
 DECAY_RULES = ("reference", "vlmo_large")  # optim.decay_rule: training/optimization.py
 
 
@@ -74,16 +72,6 @@ class ScheduleConfig:
 
 
 @dataclass
-class LossConfig:
-    itc: float = 1.0
-    itm: float = 1.0
-    mlm: float = 0.25
-    # ITM hard negatives: never draw a candidate whose caption (token ids) is identical to the
-    # positive's, a false negative with repeated captions; off = the reference's sampling
-    itm_skip_identical_text: bool = False
-
-
-@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None           # None: <output_dir>/checkpoints
     every: int = 1000                   # steps between checkpoints (0: only at the end)
@@ -103,7 +91,8 @@ class EvalConfig:
 class RunConfig:
     preset: str = "tiny"
     model: dict = field(default_factory=dict)   # ModelConfig overrides of the preset
-    stage: str = "vl"                   # "mim" (1), "text_mlm" (2) or "vl" (3)
+    stage: str = "vl"                   # the task: "mim" (1), "text_mlm" (2), "vl" (3) or a plugin's (vlmo_large/tasks/)
+    plugins: list[str] = field(default_factory=list)  # modules imported before the task is looked up (they register tasks)
     seed: int = 0
     output_dir: str = "runs/pretrain"
     init: Optional[str] = None          # weights to start from: safetensors file/dir or DeepSpeed checkpoint dir
@@ -116,7 +105,7 @@ class RunConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -1,11 +1,11 @@
 """Useful training FLOPs of a micro-batch and the peak of the card: the one formula behind MFU.
 
-    step_flops(model_cfg, stage, batch) -> float   # matmul FLOPs, forward + backward
+    step_flops(model_cfg, task, batch) -> float    # matmul FLOPs, forward + backward
     peak_tflops(device_name, dtype) -> float | None
 
-The encoder passes come from the objective's own description (objectives.STEP_PASSES: which
-encoder, how many copies of the rows, the VL branch, what the last layer keeps), so a change of
-the step changes the count. Only useful work counts: text positions where text_mask is 1 (padding
+The encoder passes come from the task's own description (Task.passes: which encoder, how many
+copies of the rows, the VL branch, what the last layer keeps), so a change of the step changes the
+count; the heads' FLOPs from Task.head_flops. Only useful work counts: text positions where text_mask is 1 (padding
 is computed but is not work), the MLM head at predicted tokens (not its padded slots), the last
 layer at the positions it keeps. Counted: every matrix multiply (2 FLOPs a multiply-add) in the
 blocks (qkv, projection, the routed expert's FFN, attention scores and values), the patch
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from vlmo_large.config import ModelConfig
-from vlmo_large.training.objectives import IGNORE, ITM_PAIRS, STEP_PASSES, EncoderPass
+from vlmo_large.tasks.base import EncoderPass, Task
+from vlmo_large.tasks.registry import get_task
 
 BACKWARD_FACTOR = 3  # forward + backward (input and weight gradients: twice the forward)
 
@@ -58,23 +59,17 @@ def _text_lengths(batch: dict) -> torch.Tensor:
     return batch["text_mask"].detach().to("cpu", torch.float64).sum(1)
 
 
-def _mlm_head(cfg: ModelConfig, batch: dict) -> float:
-    predicted = int((batch["mlm_labels"] != IGNORE).sum())
-    D = cfg.embed_dim
-    return predicted * 2 * (D * D + D * cfg.vocab_size)
-
-
-def _passes(cfg: ModelConfig, stage: str, batch: dict) -> float:
-    """Forward FLOPs of the stage's encoder passes (STEP_PASSES) over the micro-batch."""
+def _passes(cfg: ModelConfig, task: Task, batch: dict) -> float:
+    """Forward FLOPs of the task's encoder passes (Task.passes) over the micro-batch."""
     image_tokens = cfg.num_patches + 1
-    if stage == "mim":
-        rows = batch["image"].shape[0]
-        text = torch.zeros(rows, dtype=torch.float64)
-    else:
+    if task.reads_text:
         text = _text_lengths(batch)
         rows = text.shape[0]
+    else:
+        rows = batch["image"].shape[0]
+        text = torch.zeros(rows, dtype=torch.float64)
     total = 0.0
-    for encoder_pass in STEP_PASSES[stage]:
+    for encoder_pass in task.passes:
         if encoder_pass.mode == "image":
             tokens = torch.full((rows,), float(image_tokens), dtype=torch.float64)
             flops = _encoder(cfg, encoder_pass, tokens, text).sum() + rows * _patch_embedding(cfg)
@@ -86,27 +81,12 @@ def _passes(cfg: ModelConfig, stage: str, batch: dict) -> float:
     return total
 
 
-def _heads(cfg: ModelConfig, stage: str, batch: dict, data_parallel: int) -> float:
-    """Forward FLOPs of the stage's heads (objectives.py's mim_losses / text_mlm_losses / vl_losses)."""
-    D = cfg.embed_dim
-    if stage == "mim":
-        out = cfg.patch_size ** 2 * cfg.in_chans if cfg.mim_target == "pixel" else cfg.mim_vocab_size
-        return float(int(batch["mim_mask"].sum()) * 2 * D * out)
-    if stage == "text_mlm":
-        return float(_mlm_head(cfg, batch))
-    B = batch["text_mask"].shape[0]
-    itc = 2 * (2 * B * 2 * D * D + 2 * 2 * B * (B * data_parallel) * D)  # two ITC heads: projections, logits
-    itm = ITM_PAIRS * B * 2 * (D * D + 2 * D)  # pooler and the 2-way head on the pairs' CLS
-    return float(itc + itm + _mlm_head(cfg, batch))
-
-
-def step_flops(model_cfg: ModelConfig, stage: str, batch: dict, data_parallel: int = 1) -> float:
-    """Useful training FLOPs (forward + backward) of one micro-batch of `stage` on one rank; the
-    batch as the data pipeline yields it (host tensors: nothing is read from a device).
-    data_parallel: ranks whose batches the ITC similarity spans (its logits are [B, B * ranks])."""
-    if stage not in STEP_PASSES:
-        raise ValueError(f"unknown stage '{stage}'; choose one of {tuple(STEP_PASSES)}")
-    return BACKWARD_FACTOR * (_passes(model_cfg, stage, batch) + _heads(model_cfg, stage, batch, data_parallel))
+def step_flops(model_cfg: ModelConfig, task, batch: dict, data_parallel: int = 1) -> float:
+    """Useful training FLOPs (forward + backward) of one micro-batch of `task` (a Task or its
+    name) on one rank; the batch as the data pipeline yields it (host tensors: nothing is read from a
+    device). data_parallel: ranks whose batches the ITC similarity spans (its logits are [B, B * ranks])."""
+    task = get_task(task)
+    return BACKWARD_FACTOR * (_passes(model_cfg, task, batch) + task.head_flops(model_cfg, batch, data_parallel))
 
 
 # Dense (no sparsity) peak TFLOP/s by card, from NVIDIA's datasheets: bf16/fp16 tensor cores, and

@@ -21,12 +21,13 @@ from vlmo_large.formats.io import CheckpointError
 from vlmo_large.model import build_model
 from vlmo_large.parallel import state
 from vlmo_large.parallel.parallelize import parallelize, plan_from_config
+from vlmo_large.tasks.registry import get_task
 from vlmo_large.training import checkpointing, preemption
 from vlmo_large.training.engine import build_engine, is_zero3, model_dtype
 from vlmo_large.training.freezing import apply_stage_freezing
 from vlmo_large.training.initialization import load_init_weights
 from vlmo_large.training.metrics_file import MetricsFile
-from vlmo_large.training.objectives import DATA_KIND, LossWeights, PretrainingObjective
+from vlmo_large.training.objectives import TaskObjective
 from vlmo_large.training.progress import Progress
 from vlmo_large.training.random_batches import RandomBatches
 from vlmo_large.training.run_config import RunConfig
@@ -46,7 +47,7 @@ class NullTracker:
 
 
 def build_batches(cfg: RunConfig, resolved: ResolvedRun):
-    kind, model_cfg, data = DATA_KIND[cfg.stage], resolved.model, cfg.data
+    kind, model_cfg, data = get_task(cfg.stage).data_kind, resolved.model, cfg.data
     if data.source == "random":
         return RandomBatches(kind, model_cfg, resolved.micro, cfg.seed, state.dp_rank(), data.mlm_prob, data.mim_ratio,
                              data.random_distinct)
@@ -111,9 +112,7 @@ class Trainer:
         state.ensure_initialized(cfg.parallel.tp, cfg.parallel.pp)
         self.rank = dist.get_rank()
         self.build_model()
-        weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
-        self.objective = PretrainingObjective(self.model, cfg.stage, weights, state.dp_group(), cfg.seed,
-                                              cfg.loss.itm_skip_identical_text, cfg.data.mlm_prob)
+        self.objective = TaskObjective(self.model, cfg.stage, cfg.loss, state.dp_group(), cfg.seed, cfg.data.mlm_prob)
         self.engine = build_engine(self.objective, self.resolved, cfg)
         self.restore()
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.parallel.layout import validate_layout
 from vlmo_large.training.deepspeed_config_check import check_deepspeed_config
-from vlmo_large.training.run_config import DECAY_RULES, STAGES, ConfigError, RunConfig, typed_fields
+from vlmo_large.errors import UserError
+from vlmo_large.tasks.registry import get_task, import_plugins, task_names
+from vlmo_large.training.run_config import DECAY_RULES, ConfigError, RunConfig, typed_fields
 
 RUN_OWNED = ("optimizer", "scheduler")  # the run config sets these; the DeepSpeed file must not
 
@@ -143,7 +145,7 @@ def _check_files(cfg: RunConfig, model_cfg: ModelConfig) -> None:
             paths = expand_shards(data.shards)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"data.shards: {exc}") from None
-        if cfg.stage != "mim":
+        if get_task(cfg.stage).reads_text:
             _check(bool(data.tokenizer), f"data.tokenizer is not set (stage '{cfg.stage}' reads text)")
             _check(os.path.exists(data.tokenizer), f"data.tokenizer: file not found: {data.tokenizer}")
             _check_tokenizer(data.tokenizer, model_cfg)
@@ -163,7 +165,7 @@ def _check_ranges(cfg: RunConfig) -> None:
 
     s, optim, data = cfg.schedule, cfg.optim, cfg.data
     for ok, message in (
-        (cfg.stage in STAGES, f"stage='{cfg.stage}' must be one of {', '.join(STAGES)}"),
+        (cfg.stage in task_names(), f"stage='{cfg.stage}' must be one of {', '.join(task_names())}"),
         (s.steps >= 1, f"schedule.steps={s.steps} must be at least 1"),
         (0 <= s.warmup, f"schedule.warmup={s.warmup} must be >= 0"),
         (s.warmup <= s.steps, f"schedule.warmup={s.warmup} exceeds schedule.steps={s.steps}: the learning "
@@ -193,6 +195,10 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
                 ds_path: str = "the DeepSpeed config") -> ResolvedRun:
+    try:  # every rank resolves the run: each imports the modules that register the config's tasks
+        import_plugins(cfg.plugins)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from exc.__cause__
     _check_ranges(cfg)
     model_overrides = typed_fields(ModelConfig, cfg.model, "model.")  # `model.embed_dim=abc`: one line
     try:
@@ -219,9 +225,10 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
     _check(clip in (None, "auto") or float(clip) == cfg.optim.grad_clip,
            f"gradient_clipping={clip} of the DeepSpeed config disagrees with optim.grad_clip={cfg.optim.grad_clip}")
     micro, accum = resolve_batch(cfg, ds_config, dp)
-    if cfg.stage == "vl":
-        _check(micro * dp >= 2, f"stage 'vl' needs at least 2 samples across data-parallel ranks per step "
-               f"(ITM negatives), got micro {micro} * dp {dp}")
+    least = get_task(cfg.stage).min_global_batch
+    if least > 1:
+        _check(micro * dp >= least, f"stage '{cfg.stage}' needs at least {least} samples across data-parallel "
+               f"ranks per step, got micro {micro} * dp {dp}")
     _check_files(cfg, model_cfg)
     return ResolvedRun(model_cfg, complete_ds_config(cfg, ds_config, micro, accum, dp),
                        world_size, dp, micro, accum)

@@ -1,0 +1,91 @@
+"""What a task is: the data it reads, the encoder passes it runs, how it scores them, what it trains.
+
+A task is one object (a subclass of Task, registered by name in registry.py). The trainer, the
+pipeline, held-out evaluation, the FLOP count and the benchmarks read everything stage-specific
+from it, so adding a task is one new file and its registration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmo_large.parallel.collectives import group_rank
+from vlmo_large.tasks.loss_weights import LossWeights
+
+DATA_KINDS = ("image", "text", "image_text")  # the data loader's kinds (data/loader.py)
+
+
+@dataclass(frozen=True)
+class EncoderPass:
+    """One encoder call of a training step: `mode` ("image", "text" or "pair"), run on `copies` times
+    the micro-batch's rows, with the VL-branch top layers too (`vl_branch`), and the last layer
+    computing only the positions `keep` names ("cls", "text", or None: all). A task's forward calls
+    the encoders from these, and step_flops.py counts a step's FLOPs from them."""
+    mode: str
+    copies: int = 1
+    vl_branch: bool = False
+    keep: str | None = None
+
+    def kept(self, text_len: int) -> int | None:
+        return {"cls": 1, "text": text_len, None: None}[self.keep]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a task's forward needs besides the model and the batch.
+
+    group: the data-parallel group the batch-wide terms span (ITC, ITM negatives); None: one process.
+    seed, step: seed the step's own random draws (negative_generator), so a resumed run draws what an
+    uninterrupted one would whatever the global RNG state. mlm_slots: the MLM head's positions per
+    row (losses.mlm_loss); None: every position."""
+    weights: LossWeights = LossWeights()
+    group: Any = None
+    seed: int = 0
+    step: int = 0
+    mlm_slots: int | None = None
+
+    def generator(self, device) -> torch.Generator:
+        """This step's generator on this data-parallel rank."""
+        return torch.Generator(device=device).manual_seed(
+            (self.seed * 1_000_003 + self.step) * 4099 + group_rank(self.group))
+
+
+class Task:
+    """A training objective. Subclasses set the class attributes and implement forward.
+
+    name: the run config's `stage` value that selects it. data_kind: the loader kind it reads
+    (DATA_KINDS). passes: its encoder calls in order (EncoderPass). terms: the names of the terms its
+    forward reports besides "loss". trainable: regexes (full match) over VLMo's parameter names;
+    the rest is frozen; None: everything trains. min_global_batch: the fewest samples a step may
+    hold across data-parallel ranks. retrieval: held-out evaluation may also run zero-shot
+    retrieval (eval.retrieval_json) with this task's model.
+    """
+    name: str = ""
+    data_kind: str = "image_text"
+    passes: tuple[EncoderPass, ...] = ()
+    terms: tuple[str, ...] = ()
+    trainable: tuple[str, ...] | None = None
+    min_global_batch: int = 1
+    retrieval: bool = False
+
+    @property
+    def reads_text(self) -> bool:
+        return self.data_kind != "image"
+
+    def forward(self, model, batch: dict, ctx: StepContext) -> dict:
+        """-> {"loss": the scalar to backpropagate, and each of `terms`: a detached-able scalar}."""
+        raise NotImplementedError
+
+    def head_flops(self, cfg, batch: dict, data_parallel: int) -> float:
+        """Forward FLOPs of the task's heads over a host micro-batch (the encoders are counted from
+        `passes`); 0 leaves them out of MFU."""
+        return 0.0
+
+    def heldout_metrics(self, model, batches: list) -> dict:
+        """Metrics held-out evaluation reports besides the loss terms (every rank calls it)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}: {self.data_kind} data, terms {', '.join(self.terms)}>"
