@@ -66,10 +66,11 @@ def copy_of_engine_model(model, zero3: bool):
     import deepspeed
 
     from vlmo_large.model import build_model
+    from vlmo_large.parallel import state
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=zero3):
         weights = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    copy = build_model(model.cfg).eval()
+    copy = build_model(model.cfg, tp_group=state.tp_group()).eval()
     copy.load_state_dict(weights)
     return copy
 
@@ -114,7 +115,7 @@ def build_engine(tp: int, zero: int, bf16: bool, seed: int = 0):
 
     state.ensure_initialized(tensor_parallel=tp)
     torch.manual_seed(seed)
-    model = build_model("tiny").train()
+    model = build_model("tiny", tp_group=state.tp_group()).train()
     wrapped = LossModule(model)
     micro = GLOBAL_BATCH // state.dp_size()
     engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=wrapped.parameters(),

@@ -16,7 +16,7 @@ def main(path: str, out: str) -> None:
     from vlmo_large.parallel import state
 
     state.ensure_initialized(tensor_parallel=int(os.environ["WORLD_SIZE"]))
-    model = build_model("tiny").eval()
+    model = build_model("tiny", tp_group=state.tp_group()).eval()
     report = load_sharded_plain(model, path)
     assert not report.missing
     outputs = probe_outputs(model)

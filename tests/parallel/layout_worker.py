@@ -99,7 +99,7 @@ def main(weights_path: str, out_dir: str, tp: int, zero: int) -> None:
     cfg = run_config(tp, dp)
     resolved = resolve_run(cfg, ds_config(zero), dist.get_world_size())
     torch.manual_seed(0)
-    model = build_model(resolved.model).train()
+    model = build_model(resolved.model, tp_group=state.tp_group()).train()
     model.load_state_dict(local_state_dict(model, load_file(weights_path), state.tp_rank(), state.tp_size()))
     apply_stage_freezing(model, "vl")
     objective = PretrainingObjective(model, "vl", group=state.dp_group(), seed=SEED)

@@ -30,8 +30,10 @@ def probe_outputs(model, batch):
     pair = bb.encode_pair(ids, mask, images)
     logits = model.mlm_head(pair[:, : ids.shape[1]])
     keep = labels != -100
-    # vocab-parallel CE wants [tokens, batch, vocab_shard]; labels outside this rank's slice are handled
-    ce = vocab_parallel_cross_entropy(logits[keep][:, None].float(), labels[keep][:, None]).mean()
+    if model.mlm_head.tp_size == 1:  # one process (the reference): plain CE, no process group needed
+        ce = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep])
+    else:  # vocab-parallel CE wants [tokens, batch, vocab_shard]; labels outside this rank's slice are handled
+        ce = vocab_parallel_cross_entropy(logits[keep][:, None].float(), labels[keep][:, None]).mean()
     itc_i, itc_t = model.itc(image[:, 0], text[:, 0])
     loss = ce + sum(t.pow(2).mean() for t in (image, image_vl, text, text_vl, pair)) + (itc_i @ itc_t.T).sum()
     return {"image": image, "image_vl": image_vl, "text": text, "text_vl": text_vl, "pair": pair,
@@ -48,7 +50,7 @@ def main(weights_path: str, out_path: str) -> None:
     world = int(os.environ["WORLD_SIZE"])
     state.ensure_initialized(tensor_parallel=world)
     torch.manual_seed(0)
-    model = build_model("tiny").train()
+    model = build_model("tiny", tp_group=state.tp_group()).train()
     model.load_state_dict(local_state_dict(model, load_file(weights_path), state.tp_rank(), world))
     outputs = probe_outputs(model, probe_batch(model.cfg))
     outputs["loss"].backward()

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmo_large.model.flex_attention import flex_attend, padding_block_mask
-from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear, mark_tensor_parallel
-from vlmo_large.parallel import state
+from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear, group_size, mark_tensor_parallel
 
 
 def additive_mask(bias: torch.Tensor | None, key_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
@@ -36,20 +35,20 @@ def additive_mask(bias: torch.Tensor | None, key_mask: torch.Tensor | None, dtyp
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, backend: str = "auto", tp_group=None):
         super().__init__()
-        tp = state.tp_size()
-        self.local_heads = num_heads // tp
+        self.tp_size = group_size(tp_group)
+        self.local_heads = num_heads // self.tp_size
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.attn_drop = attn_drop
         self.backend = backend
         self.compiled = False  # set by parallelize when this block runs under torch.compile
         local_dim = self.local_heads * self.head_dim
-        self.qkv = ColumnLinear(dim, 3 * dim, bias=False, stride=3)
+        self.qkv = ColumnLinear(dim, 3 * dim, bias=False, stride=3, tp_group=tp_group)
         self.q_bias = mark_tensor_parallel(nn.Parameter(torch.zeros(local_dim)))
         self.v_bias = mark_tensor_parallel(nn.Parameter(torch.zeros(local_dim)))
-        self.proj = RowLinear(dim, dim, bias=True)
+        self.proj = RowLinear(dim, dim, bias=True, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, queries: int | None = None,

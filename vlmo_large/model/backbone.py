@@ -18,19 +18,19 @@ from vlmo_large.model.block import MoMEBlock, apply_checkpointing
 from vlmo_large.model.flex_attention import padding_block_masks
 from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
 from vlmo_large.model.relative_position import RelativePositionBias
-from vlmo_large.model.tensor_parallel import init_normal, mark_tensor_parallel
-from vlmo_large.parallel import state
+from vlmo_large.model.tensor_parallel import group_size, init_normal, mark_tensor_parallel
 
 TEXT_ROW, IMAGE_ROW = 0, 1
 
 
 class MoMEBackbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
+        """tp_group: the tensor-parallel group the weights are split over (None: one process)."""
         super().__init__()
-        tp = state.tp_size()
+        tp = self.tp_size = group_size(tp_group)
         cfg.validate(tensor_parallel=tp)
         self.cfg = cfg
-        self.text_embeddings = TextEmbeddings(cfg)
+        self.text_embeddings = TextEmbeddings(cfg, tp_group)
         self.patch_embed = ImageEmbeddings(cfg)
         self.modality_embed = nn.Embedding(cfg.num_modality_types, cfg.embed_dim)
         self.rel_pos = None
@@ -39,7 +39,7 @@ class MoMEBackbone(nn.Module):
                                                 cfg.num_heads // tp)
             mark_tensor_parallel(self.rel_pos.table, dim=1, stride=cfg.depth)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(MoMEBlock(cfg, i, rates[i]) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(MoMEBlock(cfg, i, rates[i], tp_group) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self._init_plain_modules()
         apply_checkpointing(self.blocks, cfg.checkpoint_every)  # parallelize applies its plan again

@@ -32,22 +32,22 @@ EXPERTS = ("text", "imag", "vl")
 class Expert(nn.Module):
     """LayerNorm + FFN (Linear -> exact GELU -> Linear), fc1 column- and fc2 row-parallel."""
 
-    def __init__(self, dim: int, ffn_dim: int, eps: float):
+    def __init__(self, dim: int, ffn_dim: int, eps: float, tp_group=None):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.fc1 = ColumnLinear(dim, ffn_dim)
-        self.fc2 = RowLinear(ffn_dim, dim)
+        self.fc1 = ColumnLinear(dim, ffn_dim, tp_group=tp_group)
+        self.fc2 = RowLinear(ffn_dim, dim, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
 class MoMEBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, drop_path: float):
+    def __init__(self, cfg: ModelConfig, layer: int, drop_path: float, tp_group=None):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.attn = SelfAttention(dim, cfg.num_heads, cfg.attn_drop, cfg.attention)
+        self.attn = SelfAttention(dim, cfg.num_heads, cfg.attn_drop, cfg.attention, tp_group)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if cfg.layer_scale_init is not None:
             self.gamma_1 = nn.Parameter(torch.full((dim,), cfg.layer_scale_init))
@@ -55,7 +55,7 @@ class MoMEBlock(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
         names = EXPERTS if layer >= cfg.vl_start else EXPERTS[:2]
-        self.experts = nn.ModuleDict({name: Expert(dim, cfg.ffn_dim, cfg.norm_eps) for name in names})
+        self.experts = nn.ModuleDict({name: Expert(dim, cfg.ffn_dim, cfg.norm_eps, tp_group) for name in names})
 
     def _scale(self, gamma, x):
         return x if gamma is None else gamma * x

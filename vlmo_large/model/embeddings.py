@@ -17,9 +17,9 @@ class TextEmbeddings(nn.Module):
     but do not add it: their text positions come from the relative bias alone.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
-        self.word_embeddings = vocab_embedding(cfg.vocab_size, cfg.embed_dim)
+        self.word_embeddings = vocab_embedding(cfg.vocab_size, cfg.embed_dim, tp_group)
         self.position_embeddings = nn.Embedding(cfg.max_text_len, cfg.embed_dim)
         self.token_type_embeddings = nn.Embedding(2, cfg.embed_dim)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.text_norm_eps)

@@ -44,11 +44,12 @@ class ContrastiveHeads(nn.Module):
 class MLMHead(nn.Module):
     """Linear + GELU + LayerNorm, then an untied vocab-parallel decoder with its own bias."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
         self.dense = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.text_norm_eps)
-        self.decoder = ColumnLinear(cfg.embed_dim, cfg.vocab_size, bias=True)
+        self.decoder = ColumnLinear(cfg.embed_dim, cfg.vocab_size, bias=True, tp_group=tp_group)
+        self.tp_size = self.decoder.tp_size  # the loss needs it: logits cover 1 / tp_size of the vocabulary
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """-> logits over this rank's slice of the vocabulary."""

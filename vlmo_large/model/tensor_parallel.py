@@ -3,6 +3,9 @@
 Megatron layers return (output, bias); the small wrappers here return the output only, so the
 model reads like single-device code. Weights are initialised on a full "master" tensor and split
 (megatron's CPU initialisation), so a given seed gives the same logical weights at any TP size.
+
+The tensor-parallel group is passed in (None: one process, no torch.distributed needed); nothing
+here reads or creates a global group.
 """
 from __future__ import annotations
 
@@ -15,14 +18,17 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from timm.layers import trunc_normal_
 from torch import nn
 
-from vlmo_large.parallel import state
-
 init_normal = partial(trunc_normal_, std=0.02)
 
 
-def parallel_config(params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+def group_size(tp_group) -> int:
+    """Ranks of a tensor-parallel group; None is one process."""
+    return 1 if tp_group is None else tp_group.size()
+
+
+def parallel_config(tp_group=None, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
     on_meta = torch.empty(0).device.type == "meta"  # inside `with torch.device("meta")`
-    return ModelParallelConfig(tensor_model_parallel_size=state.tp_size(), params_dtype=params_dtype,
+    return ModelParallelConfig(tensor_model_parallel_size=group_size(tp_group), params_dtype=params_dtype,
                                use_cpu_initialization=True, perform_initialization=not on_meta,
                                gradient_accumulation_fusion=False)
 
@@ -37,15 +43,26 @@ class _PlainStateDict:
         self._load_state_dict_pre_hooks.clear()
 
 
+def _keep_group(layer: nn.Module, tp_group) -> None:
+    """Hold exactly the group passed in. With None, megatron substitutes its global TP group when one
+    exists; a multi-rank one would have split the weights, so that is refused (pass the group)."""
+    if tp_group is None and group_size(layer.tp_group) > 1:
+        raise ValueError(f"{type(layer).__name__} built with tp_group=None (one process) while megatron's "
+                         f"global tensor-parallel group has {layer.tp_group.size()} ranks: pass tp_group")
+    layer.tp_group = tp_group
+    layer.tp_size = group_size(tp_group)
+    layer.single_rank = layer.tp_size == 1
+
+
 class ColumnLinear(_PlainStateDict, ColumnParallelLinear):
     """Output features split across TP ranks. `stride` keeps fused chunks (q|k|v) split per chunk."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, stride: int = 1):
-        super().__init__(in_features, out_features, config=parallel_config(), init_method=init_normal,
-                         bias=bias, gather_output=False, stride=stride, tp_group=state.tp_group())
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, stride: int = 1, tp_group=None):
+        super().__init__(in_features, out_features, config=parallel_config(tp_group), init_method=init_normal,
+                         bias=bias, gather_output=False, stride=stride, tp_group=tp_group)
         mark_tensor_parallel(self.weight, dim=0, stride=stride)  # megatron skips this without init
         self._drop_extra_state_hooks()
-        self.single_rank = self.tp_group is None or self.tp_group.size() == 1
+        _keep_group(self, tp_group)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`bias` replaces the layer's own bias (attention's q|0|v bias)."""
@@ -59,12 +76,12 @@ class ColumnLinear(_PlainStateDict, ColumnParallelLinear):
 class RowLinear(_PlainStateDict, RowParallelLinear):
     """Input features split across TP ranks; the output is all-reduced, then the bias added once."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__(in_features, out_features, config=parallel_config(), init_method=init_normal,
-                         bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, tp_group=None):
+        super().__init__(in_features, out_features, config=parallel_config(tp_group), init_method=init_normal,
+                         bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
         mark_tensor_parallel(self.weight, dim=1)
         self._drop_extra_state_hooks()
-        self.single_rank = self.tp_group is None or self.tp_group.size() == 1
+        _keep_group(self, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.single_rank:
@@ -72,11 +89,23 @@ class RowLinear(_PlainStateDict, RowParallelLinear):
         return super().forward(x)[0]
 
 
-def vocab_embedding(vocab_size: int, dim: int) -> VocabParallelEmbedding:
-    embedding = VocabParallelEmbedding(vocab_size, dim, init_method=init_normal, config=parallel_config(),
-                                       tp_group=state.tp_group())
-    mark_tensor_parallel(embedding.weight, dim=0)
-    return embedding
+class VocabEmbedding(VocabParallelEmbedding):
+    """Vocabulary rows split across TP ranks; at one rank a plain lookup (megatron's forward needs a group)."""
+
+    def __init__(self, vocab_size: int, dim: int, tp_group=None):
+        super().__init__(vocab_size, dim, init_method=init_normal, config=parallel_config(tp_group),
+                         tp_group=tp_group)
+        mark_tensor_parallel(self.weight, dim=0)
+        _keep_group(self, tp_group)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.single_rank:
+            return F.embedding(ids, self.weight)
+        return super().forward(ids)
+
+
+def vocab_embedding(vocab_size: int, dim: int, tp_group=None) -> VocabEmbedding:
+    return VocabEmbedding(vocab_size, dim, tp_group)
 
 
 def mark_tensor_parallel(param: nn.Parameter, dim: int = 0, stride: int = 1) -> nn.Parameter:

@@ -11,16 +11,17 @@ from vlmo_large.model.heads import ContrastiveHeads, MIMHead, MLMHead, Pooler
 
 
 class VLMo(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
         self.cfg = cfg
-        self.backbone = MoMEBackbone(cfg)
+        self.backbone = MoMEBackbone(cfg, tp_group)
+        self.tp_size = self.backbone.tp_size
         dim = cfg.embed_dim
         self.itc = ContrastiveHeads(dim)      # on the final image / text CLS
         self.itc_vl = ContrastiveHeads(dim)   # on the VL-branch CLS
         self.pooler = Pooler(dim)
         self.itm_head = nn.Linear(dim, 2)
-        self.mlm_head = MLMHead(cfg)
+        self.mlm_head = MLMHead(cfg, tp_group)
         self.mim_head = MIMHead(cfg)
         for module in (self.itc, self.itc_vl, self.pooler, self.itm_head, self.mlm_head, self.mim_head):
             module.apply(_init_plain)
@@ -37,14 +38,17 @@ def _init_plain(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_model(cfg: ModelConfig | str, device: str | torch.device = "cpu", **overrides) -> VLMo:
-    """Build VLMo from a config or preset name. device="meta" allocates nothing (for counting)."""
+def build_model(cfg: ModelConfig | str, device: str | torch.device = "cpu", tp_group=None, **overrides) -> VLMo:
+    """Build VLMo from a config or preset name. device="meta" allocates nothing (for counting).
+
+    tp_group: the tensor-parallel process group to split the weights over; None is one process and
+    needs no torch.distributed (nothing here creates a group or initialises distributed)."""
     if isinstance(cfg, str):
         cfg = get_preset(cfg, **overrides)
     elif overrides:
         cfg = cfg.replace(**overrides)
     with torch.device(device):
-        return VLMo(cfg)
+        return VLMo(cfg, tp_group)
 
 
 def count_parameters(module: nn.Module) -> int:

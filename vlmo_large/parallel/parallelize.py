@@ -4,8 +4,8 @@ The forward code of the model decides none of this per call; this step applies, 
 (torchtitan's order: each step wraps what the previous one produced):
 
 1. Tensor parallelism. Applied when the model is built: the megatron layers (tensor_parallel.py)
-   split their weights by the TP group of parallel/state.py at construction. Here it is only
-   checked: every attention holds num_heads / tp heads and every TP layer uses the current group.
+   split their weights by the TP group passed to build_model at construction. Here it is only
+   checked: every attention holds num_heads / tp heads and every TP layer uses that group's size.
 2. Activation checkpointing, per block (every `checkpoint_every`-th one): the block's forward is
    replaced in place by a recomputing one (MoMEBlock.set_checkpointing).
 3. The attention backend of every block (attention.py: auto / sdpa / flex / explicit).
@@ -26,7 +26,6 @@ from torch import nn
 from vlmo_large.config import ModelConfig
 from vlmo_large.model.block import apply_checkpointing
 from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear
-from vlmo_large.parallel import state
 
 # A stage-3 step calls each block with up to ~8 distinct (route, sequence length, mask, queries)
 # signatures, and blocks below and above vl_start differ in structure; all blocks share one code
@@ -59,12 +58,12 @@ def parallelize(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
 
 
 def check_tensor_parallel(backbone: nn.Module) -> None:
-    tp = state.tp_size()
+    tp = backbone.tp_size  # the group it was built with (parallel/state is not consulted: no side effect)
     heads = backbone.cfg.num_heads
     for index, block in enumerate(backbone.blocks):
         if block.attn.local_heads * tp != heads:
             raise ValueError(f"block {index} holds {block.attn.local_heads} attention heads; with tensor parallel "
-                             f"size {tp} it needs {heads // tp}: build the model after initialising parallel state")
+                             f"size {tp} it needs {heads // tp}: build the model with the run's tp_group")
     for name, module in backbone.named_modules():
         if isinstance(module, (ColumnLinear, RowLinear)):
             size = 1 if module.tp_group is None else module.tp_group.size()

@@ -28,9 +28,8 @@ from vlmo_large.model.block import MoMEBlock
 from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
 from vlmo_large.model.heads import ContrastiveHeads, MLMHead, Pooler
 from vlmo_large.model.relative_position import RelativePositionBias
-from vlmo_large.model.tensor_parallel import init_normal, mark_tensor_parallel
+from vlmo_large.model.tensor_parallel import group_size, init_normal, mark_tensor_parallel
 from vlmo_large.model.vlmo import _init_plain
-from vlmo_large.parallel import state
 
 # Pretraining stage (run_config.STAGES) -> the modes its pipeline runs; the first is its training mode.
 STAGE_MODES = {"mim": ("mim",), "text_mlm": ("text_mlm",), "vl": ("vl", "dual")}
@@ -82,9 +81,9 @@ class EmbeddingLayer(PipelineLayer):
     plain_prefixes = {"text_embeddings.": "backbone.text_embeddings.", "patch_embed.": "backbone.patch_embed.",
                       "modality_embed.": "backbone.modality_embed.", "mask_token": "mim_head.mask_token"}
 
-    def __init__(self, cfg: ModelConfig, stage: str):
+    def __init__(self, cfg: ModelConfig, stage: str, tp_group=None):
         super().__init__(cfg, stage)
-        self.text_embeddings = TextEmbeddings(cfg) if stage in ("text_mlm", "vl") else None
+        self.text_embeddings = TextEmbeddings(cfg, tp_group) if stage in ("text_mlm", "vl") else None
         self.patch_embed = ImageEmbeddings(cfg) if stage in ("mim", "vl") else None
         self.modality_embed = nn.Embedding(cfg.num_modality_types, cfg.embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if stage == "mim" else None
@@ -118,15 +117,15 @@ class EmbeddingLayer(PipelineLayer):
 class BlockLayer(PipelineLayer):
     """MoME block `index` applied to every stream of the tuple, each with its own route."""
 
-    def __init__(self, cfg: ModelConfig, stage: str, index: int):
+    def __init__(self, cfg: ModelConfig, stage: str, index: int, tp_group=None):
         super().__init__(cfg, stage)
         self.index = index
         rate = cfg.drop_path_rate * index / max(cfg.depth - 1, 1)  # the backbone's linspace
-        self.block = MoMEBlock(cfg, index, rate)
+        self.block = MoMEBlock(cfg, index, rate, tp_group)
         self.rel_pos = None
         if cfg.use_rel_pos_bias:
             self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.max_text_len_of_initckpt, 1,
-                                                cfg.num_heads // state.tp_size())
+                                                cfg.num_heads // group_size(tp_group))
             mark_tensor_parallel(self.rel_pos.table, dim=1)
         self.plain_prefixes = {"block.": f"backbone.blocks.{index}.", "rel_pos.": "backbone.rel_pos."}
 
@@ -183,7 +182,7 @@ class HeadLayer(PipelineLayer):
     plain_prefixes = {"norm.": "backbone.norm.", "mim_predictor.": "mim_head.predictor.", "itc.": "itc.",
                       "itc_vl.": "itc_vl.", "pooler.": "pooler.", "itm_head.": "itm_head.", "mlm_head.": "mlm_head."}
 
-    def __init__(self, cfg: ModelConfig, stage: str):
+    def __init__(self, cfg: ModelConfig, stage: str, tp_group=None):
         super().__init__(cfg, stage)
         dim = cfg.embed_dim
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
@@ -191,7 +190,7 @@ class HeadLayer(PipelineLayer):
             self.itc, self.itc_vl = ContrastiveHeads(dim), ContrastiveHeads(dim)
             self.pooler, self.itm_head = Pooler(dim), nn.Linear(dim, 2)
         if stage in ("text_mlm", "vl"):
-            self.mlm_head = MLMHead(cfg)
+            self.mlm_head = MLMHead(cfg, tp_group)
         if stage == "mim":
             out = cfg.patch_size ** 2 * cfg.in_chans if cfg.mim_target == "pixel" else cfg.mim_vocab_size
             self.mim_predictor = nn.Linear(dim, out)

@@ -71,6 +71,7 @@ def _load_init_weights(model, path: str) -> LoadReport:
         from vlmo_large.checkpoint import load_sharded_plain
         return load_sharded_plain(model, path)
     full = read_full_weights(path, preset=None)
-    if state.tp_size() > 1:
-        full = local_state_dict(model, full, state.tp_rank(), state.tp_size())
+    tp = getattr(model, "tp_size", 1)  # the model's own split: no process group is created at TP=1
+    if tp > 1:
+        full = local_state_dict(model, full, state.tp_rank(), tp)
     return load_into(model, full, source=path)

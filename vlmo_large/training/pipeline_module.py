@@ -13,6 +13,7 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 
 from vlmo_large.config import ModelConfig
+from vlmo_large.parallel import state
 from vlmo_large.parallel.pipeline_layers import STAGE_MODES, BlockLayer, EmbeddingLayer, HeadLayer
 from vlmo_large.training.pipeline_losses import TERMS, PipelineLoss
 
@@ -21,9 +22,10 @@ class MoMEPipeline(PipelineModule):
     def __init__(self, cfg: ModelConfig, stage: str, topology, partition_method: str = "parameters"):
         if stage not in STAGE_MODES:
             raise ValueError(f"unknown pretraining stage '{stage}'; choose one of {sorted(STAGE_MODES)}")
-        specs = ([LayerSpec(EmbeddingLayer, cfg, stage)]
-                 + [LayerSpec(BlockLayer, cfg, stage, i) for i in range(cfg.depth)]
-                 + [LayerSpec(HeadLayer, cfg, stage)])
+        group = state.tp_group()  # the layers split their weights over it (created by the engine's set-up)
+        specs = ([LayerSpec(EmbeddingLayer, cfg, stage, tp_group=group)]
+                 + [LayerSpec(BlockLayer, cfg, stage, i, tp_group=group) for i in range(cfg.depth)]
+                 + [LayerSpec(HeadLayer, cfg, stage, tp_group=group)])
         super().__init__(specs, topology=topology, loss_fn=PipelineLoss(STAGE_MODES[stage][0]),
                          partition_method=partition_method)
         self.cfg, self.stage, self.mode = cfg, stage, None

@@ -120,7 +120,7 @@ class Trainer:
         """VLMo from the seed or `init`, with this stage's freezing (notes for the progress output)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (TP layers split a master)
-        self.model = build_model(self.resolved.model)
+        self.model = build_model(self.resolved.model, tp_group=state.tp_group())  # setup initialised it
         self.progress_note = []
         if cfg.init:
             report = load_init_weights(self.model, cfg.init)
