@@ -16,7 +16,8 @@ import os
 
 from vlmo_large.tracking.node_metrics import NodeSystemMetrics
 from vlmo_large.tracking.run_record import node_id, read_record
-from vlmo_large.tracking.tracker import Tracker, create_tracker
+from vlmo_large.tracking.factory import create_tracker
+from vlmo_large.tracking.tracker import Tracker
 
 
 def run_name(cfg) -> str:

@@ -1,4 +1,4 @@
-"""The tracker interface the trainer calls, its no-op version (every rank but 0), and `create_tracker`.
+"""The tracker interface the trainer calls and its no-op version (every rank but 0); factory.py picks one.
 
     tracker = create_tracker(out_dir, rank=global_rank)          # sqlite:///<out_dir>/mlflow.db
     tracker.log_run_setup(config=cfg, ds_config=ds, preset="large", layout={"tp": 2, "pp": 1, "dp": 4, "zero": 1})
@@ -72,21 +72,3 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish("FAILED" if exc_type else "FINISHED")
 
-
-def create_tracker(output_dir: str | os.PathLike, tracking_uri: str | None = None,
-                   experiment: str = "vlmo_large", run_name: str | None = None, rank: int = 0,
-                   **options) -> Tracker:
-    """Rank 0: an MLflow tracker; other ranks: a no-op `Tracker`.
-
-    Default store: MLflow's embedded store in `output_dir` (sqlite:///<output_dir>/mlflow.db,
-    artifacts under <output_dir>/mlruns); view it with
-    `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`. `tracking_uri` (http://host:port)
-    logs to a tracking server instead. `options` go to `MlflowTracker` (run_id to continue a run,
-    tags, max_buffered_metrics, retry_interval, record_dir to write the run id to, node_id for this
-    node's system metrics, supersede: a run to mark KILLED if still RUNNING). `tracking_uri="none"`
-    turns tracking off. A training launch uses `run_tracker.tracker_for_run`, which sets these.
-    """
-    if rank != 0 or (tracking_uri or "").lower() == "none":
-        return Tracker()
-    from vlmo_large.tracking.mlflow_tracker import MlflowTracker  # mlflow is imported on rank 0 only
-    return MlflowTracker(output_dir, tracking_uri, experiment, run_name, **options)
