@@ -86,7 +86,7 @@ def ds_config(args) -> dict:
             with open(args.ds_config) as f:
                 full = json.load(f)
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"--ds-config {args.ds_config}: {exc}")
+            raise SystemExit(f"--ds-config {args.ds_config}: {exc}") from exc
         ds = {k: full[k] for k in ("zero_optimization", "communication_data_type") if k in full}
     zero = ds.setdefault("zero_optimization", {})
     if args.zero is not None:

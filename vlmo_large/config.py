@@ -44,6 +44,7 @@ class ModelConfig:
     #                          "auto" (see attention.py and docs/PERFORMANCE.md)
     checkpoint_every: int = 0  # activation checkpointing: 0 none, k every k-th block
     compile: bool = False  # torch.compile each block (regional; parallel/parallelize.py)
+    pack_unimodal: bool = False  # stage 3: run the image-only and text-only passes as one packed pass (backbone.py)
 
     @property
     def text_dropout_rate(self) -> float:
@@ -80,6 +81,7 @@ class ModelConfig:
             (not (self.attention == "flex" and self.attn_drop > 0),
              "attention 'flex' has no attention dropout: set attn_drop to 0 or choose another attention"),
             (isinstance(self.compile, bool), "compile must be true or false"),
+            (isinstance(self.pack_unimodal, bool), "pack_unimodal must be true or false"),
             (self.mim_target in ("pixel", "token"), "mim_target must be 'pixel' or 'token'"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.max_text_len <= self.max_text_len_of_initckpt or not self.use_rel_pos_bias,

@@ -131,8 +131,8 @@ def test_padding_block_mask_is_built_once_per_pass(monkeypatch):
     _set_backend(model, "flex")
     built = []
     real = flex_attention.padding_block_mask
-    monkeypatch.setattr(flex_attention, "padding_block_mask", lambda key_mask, q_len: built.append(q_len) or
-                        real(key_mask, q_len))
+    monkeypatch.setattr(flex_attention, "padding_block_mask", lambda key_mask, q_len, *rest: built.append(q_len) or
+                        real(key_mask, q_len, *rest))
     with torch.no_grad():
         model.backbone.encode_pair(ids, mask, images)
         assert built == [ids.shape[1] + model.cfg.num_patches + 1]

@@ -12,6 +12,10 @@ kept to test the others against (and the deterministic one). `auto` (the default
     benchmarks/gpu_check.sh measures it (docs/PERFORMANCE.md).
 The choice reads only the device, flags and `requires_grad`: torch.compile guards on those, no
 graph break.
+`separate_at=T` (a packed pass, backbone.encode_image_and_text): positions before T and from T on are
+two sequences that do not attend to each other. Each path applies it where it already masks: a
+mask_mod term (flex), -inf folded into the [H, Lq, L] bias before it meets the padding (sdpa), the
+same masked_fill (explicit); no path builds a larger tensor than it does without it.
 Under tensor parallelism each rank owns `num_heads / tp` heads: qkv is column-parallel (split per
 q/k/v chunk), the output projection row-parallel.
 """
@@ -25,8 +29,20 @@ from vlmo_large.model.flex_attention import flex_attend, padding_block_mask
 from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear, group_size, mark_tensor_parallel
 
 
-def additive_mask(bias: torch.Tensor | None, key_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
-    """bias [H, L, L] and key_mask [B, L] (True = keep) -> one additive mask for SDPA."""
+def same_segment(q_len: int, kv_len: int, separate_at: int, device) -> torch.Tensor:
+    """[q_len, kv_len] bool: query i (the first q_len positions) may see key j when both lie before
+    `separate_at` or both from it on."""
+    return (torch.arange(q_len, device=device)[:, None] < separate_at) == \
+        (torch.arange(kv_len, device=device)[None, :] < separate_at)
+
+
+def additive_mask(bias: torch.Tensor | None, key_mask: torch.Tensor | None, dtype,
+                  segment: torch.Tensor | None = None) -> torch.Tensor | None:
+    """bias [H, L, L], key_mask [B, L] (True = keep) and segment [Lq, L] (same_segment) -> one
+    additive mask for SDPA."""
+    if segment is not None:  # -inf across sequences, in the bias: no tensor larger than without it
+        base = torch.zeros(segment.shape, dtype=dtype, device=segment.device) if bias is None else bias.to(dtype)
+        bias = base.masked_fill(~segment, float("-inf"))
     if key_mask is None:
         return None if bias is None else bias.unsqueeze(0).to(dtype)
     pad = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
@@ -52,10 +68,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, queries: int | None = None,
-                block_mask=None) -> torch.Tensor:
+                block_mask=None, separate_at: int | None = None) -> torch.Tensor:
         """queries=n: only the first n positions attend (to all keys); returns [B, n, D].
         block_mask: the pass's shared FlexAttention padding mask for this query count (built here
-        from key_mask when the flex path runs without one)."""
+        from key_mask when the flex path runs without one). separate_at=T: a packed pass, positions
+        [:T] and [T:] attend only within themselves (needs key_mask: the packed pass always has one)."""
+        if separate_at is not None and key_mask is None:
+            raise ValueError("separate_at needs a key_mask (all True where nothing is padded)")
         B, N, _ = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = self.qkv(x, bias=qkv_bias)
@@ -64,16 +83,19 @@ class SelfAttention(nn.Module):
             q, N = q[:, :, :queries], queries
             bias = None if bias is None else bias[:, :queries]
         backend = self.choose_backend(q, bias)
+        segment = None  # flex applies separate_at in its mask_mod
+        if separate_at is not None and backend != "flex":
+            segment = same_segment(N, k.shape[2], separate_at, x.device)
         if backend == "flex":
             if key_mask is not None and block_mask is None:
-                block_mask = padding_block_mask(key_mask, N)
+                block_mask = padding_block_mask(key_mask, N, separate_at)
             out = flex_attend(q, k, v, bias, block_mask if key_mask is not None else None, self.scale)
         elif backend == "sdpa":
-            mask = additive_mask(bias, key_mask, q.dtype)
+            mask = additive_mask(bias, key_mask, q.dtype, segment)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  dropout_p=self.attn_drop if self.training else 0.0)
         else:
-            out = self._explicit(q, k, v, bias, key_mask)
+            out = self._explicit(q, k, v, bias, key_mask, segment)
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
     def choose_backend(self, q: torch.Tensor, bias: torch.Tensor | None) -> str:
@@ -89,12 +111,15 @@ class SelfAttention(nn.Module):
         """Whether a pass on this device may take the flex path (its BlockMask is then built)."""
         return self.backend == "flex" or (self.backend == "auto" and device.type != "cpu" and self.compiled)
 
-    def _explicit(self, q, k, v, bias, key_mask):
+    def _explicit(self, q, k, v, bias, key_mask, segment=None):
         logits = ((q * self.scale).float() @ k.float().transpose(-2, -1)).float()  # fp32 under autocast too
         # in place on the fresh logits: no [B, H, L, L] copies (matmul's backward keeps its inputs only)
         if bias is not None:
             logits += bias.unsqueeze(0).float()
-        if key_mask is not None:
-            logits.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+        keep = None if key_mask is None else key_mask[:, None, None, :]
+        if segment is not None:
+            keep = segment if keep is None else keep & segment
+        if keep is not None:
+            logits.masked_fill_(~keep, float("-inf"))
         probs = F.dropout(logits.softmax(dim=-1).type_as(v), self.attn_drop, self.training)
         return probs @ v

@@ -5,9 +5,16 @@ expert everywhere), `encode_pair` (fused, text first: text/vision experts below 
 vision-language expert from there up). With `vl_branch=True` the image-only and text-only passes
 also run their layer `vl_start - 1` states through the top layers in VL mode, the features of
 pretraining's second ITC loss.
+
+`encode_image_and_text` (stage 3's two unimodal passes) runs them separately, or, with
+`cfg.pack_unimodal`, as one packed pass: [text ; image] per sample, the "pair" route and relative
+bias (whose diagonal blocks are the text and image biases), attention kept block-diagonal
+(`separate`). Fewer, longer block calls; DropPath then draws one decision per sample for its text
+and image together (equal to separate passes without drop path). docs/PERFORMANCE.md says when it pays.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -71,20 +78,24 @@ class MoMEBackbone(nn.Module):
         return None if self.rel_pos is None else self.rel_pos(mode, text_len)
 
     def run_blocks(self, x: torch.Tensor, routes: list[str], bias, key_mask=None, text_len: int = 0,
-                   start: int = 0, end: Optional[int] = None, keep: Optional[int] = None) -> torch.Tensor:
+                   start: int = 0, end: Optional[int] = None, keep: Optional[int] = None,
+                   separate: bool = False) -> torch.Tensor:
         """Blocks [start, end). keep=n returns only the first n positions, which the last block
-        computes alone (exactly the same numbers: keys and values still come from every position)."""
+        computes alone (exactly the same numbers: keys and values still come from every position).
+        separate: x packs two sequences, [:text_len] and [text_len:], that do not attend to each
+        other (needs key_mask)."""
         end = self.cfg.depth if end is None else end
         if keep is not None and start >= end:
             return x[:, :keep]
         block_masks = {}
         if key_mask is not None and start < end and self.blocks[start].attn.may_use_flex(x.device):
-            block_masks = padding_block_masks(key_mask, x.shape[1], keep)  # one per pass, shared by its layers
+            block_masks = padding_block_masks(key_mask, x.shape[1], keep,  # one per pass, shared by its layers
+                                              text_len if separate else None)
         for i in range(start, end):
             layer_bias = None if bias is None else bias[i]
             queries = keep if i == end - 1 else None
             block_mask = block_masks.get(x.shape[1] if queries is None else queries)
-            x = self.blocks[i](x, routes[i], layer_bias, key_mask, text_len, queries, block_mask)
+            x = self.blocks[i](x, routes[i], layer_bias, key_mask, text_len, queries, block_mask, separate)
         return x
 
     def _single_modality(self, x, expert: str, bias_mode: str, key_mask, text_len: int, vl_branch: bool,
@@ -112,10 +123,29 @@ class MoMEBackbone(nn.Module):
 
     def encode_image_and_text(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
         """The unimodal passes of stage 3's ITC: ((image, image_vl), (text, text_vl)), each [B, 1, D]
-        (CLS only), final and VL-branch."""
+        (CLS only), final and VL-branch; packed into one pass when cfg.pack_unimodal is set."""
+        if self.cfg.pack_unimodal:
+            return self._packed_image_and_text(images, ids, mask)
         image = self.encode_image(images, vl_branch=True, keep=1)
         text = self.encode_text(ids, mask, vl_branch=True, keep=1)
         return image, text
+
+    def _packed_image_and_text(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        """encode_image_and_text as one pass over [text ; image] with block-diagonal attention: the
+        "pair" route (text expert on the text, vision expert on the image) below vl_start and for
+        the main top layers, "vl" for the VL branch. The last layers compute the first T + 1
+        positions, which hold both CLS rows (text at 0, image at T)."""
+        cfg, T = self.cfg, ids.shape[1]
+        image = self.embed_image(images)
+        x = torch.cat([self.embed_text(ids), image], 1)
+        # always a key mask, unpadded text too: the separation is applied where padding is
+        key_mask = torch.cat([mask.bool(), torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], 1)
+        run = partial(self.run_blocks, bias=self._bias("pair", T), key_mask=key_mask, text_len=T, separate=True)
+        x = run(x, ["pair"] * cfg.depth, end=cfg.vl_start)
+        vl = run(x, ["vl"] * cfg.depth, start=cfg.vl_start, keep=T + 1)
+        x = run(x, ["pair"] * cfg.depth, start=cfg.vl_start, keep=T + 1)
+        return ((self.norm(x[:, T:T + 1]), self.norm(vl[:, T:T + 1])),
+                (self.norm(x[:, :1]), self.norm(vl[:, :1])))
 
     def encode_pair(self, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor,
                     modality_row: int = IMAGE_ROW, keep: Optional[int] = None) -> torch.Tensor:

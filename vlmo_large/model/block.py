@@ -7,6 +7,9 @@
 expert, the image slice after it to the vision expert: a contiguous split, no gather).
 `queries=n` computes the block's output for the first n positions only (all positions still serve
 as keys and values): what a last layer needs when only CLS, or only the text, is read out.
+`separate=True` (a packed pass, [text ; image] of two unrelated passes): attention stays inside
+[:text_len] and [text_len:]. DropPath then draws one decision per sample for both sequences, where
+two separate passes draw one each: the same numbers only without drop path (eval, or a rate of 0).
 
 Activation checkpointing is set per block (`set_checkpointing`, applied by parallelize): the
 block's forward is replaced in place by one that recomputes it in backward, so the forward code
@@ -70,8 +73,8 @@ class MoMEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, route: str, bias: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, text_len: int = 0, queries: int | None = None,
-                block_mask=None) -> torch.Tensor:
-        attended = self.attn(self.norm1(x), bias, key_mask, queries, block_mask)
+                block_mask=None, separate: bool = False) -> torch.Tensor:
+        attended = self.attn(self.norm1(x), bias, key_mask, queries, block_mask, text_len if separate else None)
         if queries is not None:
             x = x[:, :queries]
         x = x + self.drop_path(self._scale(self.gamma_1, attended))

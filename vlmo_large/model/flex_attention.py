@@ -8,7 +8,8 @@ save the per-layer [heads, L, L] gather (a few MB) but make the kernel's backwar
 handful of table rows.
 
 Key padding is a `mask_mod` in a BlockMask built once per encoder pass (`padding_block_masks`) and
-shared by every layer. Every block of it is "partial" (the mask_mod runs everywhere): with at most
+shared by every layer; in a packed pass (two sequences in one, `separate_at`) the same mask_mod also
+keeps each query to the keys of its own sequence. Every block of it is "partial" (the mask_mod runs everywhere): with at most
 a few hundred positions and padding only inside the text, no 128-wide key block is ever wholly
 padded, so a sparsity pattern would skip nothing; and this way the mask needs no pass over a
 [B, L, L] tensor and no data-dependent shapes (it compiles without graph breaks).
@@ -27,8 +28,10 @@ _kernel = flex_attention  # module attribute so tests can swap in a differentiab
 _BLOCK = 128  # FlexAttention's default sparse block size
 
 
-def padding_block_mask(key_mask: torch.Tensor, q_len: int) -> BlockMask:
-    """key_mask [B, L] (True = keep) -> BlockMask for q_len queries over L keys, every block partial."""
+def padding_block_mask(key_mask: torch.Tensor, q_len: int, separate_at: int | None = None) -> BlockMask:
+    """key_mask [B, L] (True = keep) -> BlockMask for q_len queries (the first ones) over L keys, every
+    block partial. separate_at=T: positions before T and from T on are two sequences that never
+    attend to each other (backbone.encode_image_and_text's packed pass)."""
     batch, kv_len = key_mask.shape
     q_blocks, kv_blocks = -(-q_len // _BLOCK), -(-kv_len // _BLOCK)
     device = key_mask.device
@@ -38,17 +41,22 @@ def padding_block_mask(key_mask: torch.Tensor, q_len: int) -> BlockMask:
     def keep_key(b, h, q_idx, kv_idx):
         return key_mask[b, kv_idx]
 
-    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices.contiguous(), mask_mod=keep_key,
+    def keep_key_in_segment(b, h, q_idx, kv_idx):
+        return key_mask[b, kv_idx] & ((q_idx < separate_at) == (kv_idx < separate_at))
+
+    mask_mod = keep_key if separate_at is None else keep_key_in_segment
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices.contiguous(), mask_mod=mask_mod,
                                     seq_lengths=(q_len, kv_len))
 
 
-def padding_block_masks(key_mask: torch.Tensor | None, seq_len: int, keep: int | None) -> dict[int, BlockMask]:
+def padding_block_masks(key_mask: torch.Tensor | None, seq_len: int, keep: int | None,
+                        separate_at: int | None = None) -> dict[int, BlockMask]:
     """The BlockMasks one encoder pass needs, by query count: all queries, and `keep` for a last
     layer that computes only the first `keep` positions."""
     if key_mask is None:
         return {}
     lengths = {seq_len} | ({keep} if keep is not None else set())
-    return {n: padding_block_mask(key_mask, n) for n in lengths}
+    return {n: padding_block_mask(key_mask, n, separate_at) for n in lengths}
 
 
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
