@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
                                 key_prefix=args.key_prefix)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2) from exc
     print(f"wrote {index['samples']} samples in {len(index['shards'])} shards: {index['pattern']}")
     print(describe_skips(index))
     return index

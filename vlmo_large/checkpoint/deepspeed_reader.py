@@ -70,7 +70,7 @@ def load_ds_file(path: str) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise CheckpointError(f"cannot load {path} as a weights-only torch file "
-                              f"(truncated, corrupt, or holding code objects): {str(exc).splitlines()[0]}") from None
+                              f"(truncated, corrupt, or holding code objects): {str(exc).splitlines()[0]}") from exc
 
 
 def resolve_tag_dir(path: str, tag: str | None = None) -> str:

@@ -48,7 +48,7 @@ def resolve_config(preset: str | None = None, config_path: str | None = None,
             with open(config_path) as f:
                 return config_from_dict(json.load(f), config_path)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read model config {config_path}: {exc}") from None
+            raise CheckpointError(f"cannot read model config {config_path}: {exc}") from exc
     if preset:
         return get_preset(preset)
     if found is not None:

@@ -114,7 +114,7 @@ class PlainCheckpoint:
             except CheckpointError:
                 raise
             except Exception as exc:
-                raise CheckpointError(f"cannot read safetensors file {full} (truncated or corrupt?): {exc}") from None
+                raise CheckpointError(f"cannot read safetensors file {full} (truncated or corrupt?): {exc}") from exc
             self._handles[full] = handle
             for name in names:
                 self._where[name] = full
@@ -129,7 +129,7 @@ class PlainCheckpoint:
             with open(path) as f:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"cannot read index {path}: {exc}") from None
+            raise CheckpointError(f"cannot read index {path}: {exc}") from exc
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{path}: 'weight_map' must map tensor names to file names")
         return weight_map
@@ -168,7 +168,7 @@ class PlainCheckpoint:
         try:
             return self._handles[self._where[name]].get_tensor(name)
         except Exception as exc:
-            raise CheckpointError(f"{self._where[name]}: cannot read tensor '{name}': {exc}") from None
+            raise CheckpointError(f"{self._where[name]}: cannot read tensor '{name}': {exc}") from exc
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in self._where}
@@ -181,7 +181,7 @@ class PlainCheckpoint:
             with open(path) as f:
                 return json.load(f)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from None
+            raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
     def config(self) -> ModelConfig | None:
         values = self.config_dict()

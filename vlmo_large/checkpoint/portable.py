@@ -62,7 +62,7 @@ def load_portable(engine, path: str) -> dict:
         with open(os.path.join(path, STATE_FILE)) as f:
             training = json.load(f)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {os.path.join(path, STATE_FILE)}: {exc}") from None
+        raise CheckpointError(f"cannot read {os.path.join(path, STATE_FILE)}: {exc}") from exc
     parts = {folder: PlainCheckpoint(os.path.join(path, folder)) for folder in PARTS}
     rank, world = state.tp_rank(), state.tp_size()
     named = list(engine.module.named_parameters())

@@ -37,9 +37,9 @@ def load_weights_only(path: str, map_location=None):
     except pickle.UnpicklingError as exc:  # weights_only met a global it does not allow
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         raise UnsafeCheckpointError(f"{path} holds objects other than tensors and plain data (possibly code), "
-                                    f"refused (unpickling it would call {found.group(1) if found else 'a disallowed global'})") from None
+                                    f"refused (unpickling it would call {found.group(1) if found else 'a disallowed global'})") from exc
     except Exception as exc:
-        raise CheckpointError(f"cannot load {path} (truncated or corrupt?): {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load {path} (truncated or corrupt?): {str(exc).splitlines()[0]}") from exc
 
 
 class WeightsOnlyLoad:

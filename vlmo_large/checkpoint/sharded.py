@@ -88,7 +88,7 @@ def _read_manifest(path: str) -> dict:
         with open(os.path.join(path, MANIFEST)) as f:
             return json.load(f)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {os.path.join(path, MANIFEST)}: {exc}") from None
+        raise CheckpointError(f"cannot read {os.path.join(path, MANIFEST)}: {exc}") from exc
 
 
 def load_sharded_plain(model: nn.Module, path: str) -> LoadReport:

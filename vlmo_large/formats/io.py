@@ -25,12 +25,12 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as exc:  # safetensors reports corrupt headers in its own words
-            raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from None
+            raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot load {path} as a weights-only torch file "
-                              f"(truncated, corrupt, or holding code objects): {exc}") from None
+                              f"(truncated, corrupt, or holding code objects): {exc}") from exc
     return unwrap_state_dict(obj, path)
 
 

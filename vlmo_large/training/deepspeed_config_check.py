@@ -134,14 +134,14 @@ def check_deepspeed_config(ds: dict, source: str = "the DeepSpeed config") -> No
     except pydantic.ValidationError as exc:
         if exc.errors()[0]["loc"] == ("stage",):
             raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, "
-                              f"got {zero['stage']!r}") from None
-        raise ConfigError(f"{source}: zero_optimization.{_validation_message(exc)}") from None
+                              f"got {zero['stage']!r}") from exc
+        raise ConfigError(f"{source}: zero_optimization.{_validation_message(exc)}") from exc
     try:  # every other section as DeepSpeed will read it at initialize, where it would be a traceback
         _parse(copy.deepcopy(ds))
     except pydantic.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc.title}: {_validation_message(exc)}") from None
+        raise ConfigError(f"{source}: {exc.title}: {_validation_message(exc)}") from exc
     except (DeepSpeedConfigError, ValueError, TypeError, KeyError, AssertionError) as exc:
-        raise ConfigError(f"{source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ConfigError(f"{source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if _enabled(ds, "fp16") and not torch.cuda.is_available():
         raise ConfigError(f"{source}: fp16.enabled is true but this machine has no GPU; DeepSpeed trains on "
                           "a CPU in fp32 or bf16: set fp16.enabled to false (and bf16.enabled to true for bf16)")

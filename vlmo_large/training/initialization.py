@@ -54,7 +54,7 @@ def load_init_weights(model, path: str) -> LoadReport:
         raise
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
         raise CheckpointError(f"--init {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
-            from None
+            from exc
     from vlmo_large.formats.reference import our_name
     renamed = [n for n in report.unexpected if our_name(n) in report.missing]
     if renamed or not report.loaded:

@@ -183,12 +183,12 @@ def read_mapping(path: str) -> dict:
         with open(path) as f:
             text = f.read()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{str(exc).splitlines()[0]}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

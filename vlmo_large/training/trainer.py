@@ -213,7 +213,7 @@ class Trainer:
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
             folder = os.path.join(self.ckpt_dir, checkpointing.tag_for(self.step))
             raise CheckpointError(f"step {self.step}: writing checkpoint {folder} failed ({_first_line(exc)}); "
-                                  f"{kept} and --resume auto continues from it") from None
+                                  f"{kept} and --resume auto continues from it") from exc
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, stop_at: Optional[int] = None) -> list[dict]:

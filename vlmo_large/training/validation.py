@@ -83,7 +83,7 @@ def _check_eval_files(cfg: RunConfig) -> None:
         try:
             expand_shards(ev.shards)
         except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"eval.shards: {exc}") from None
+            raise ConfigError(f"eval.shards: {exc}") from exc
     _check(bool(ev.retrieval_shards) == bool(ev.retrieval_json),
            "eval.retrieval_shards and eval.retrieval_json are set together (images and their captions)")
     if ev.retrieval_json:
@@ -104,7 +104,7 @@ def _check_first_shard_is_a_tar(paths: list[str]) -> None:
             tar.next()
     except (tarfile.TarError, EOFError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"data.shards: {first} is not a tar file ({reason})") from None
+        raise ConfigError(f"data.shards: {first} is not a tar file ({reason})") from exc
 
 
 def _check_tokenizer(path: str, model_cfg: ModelConfig) -> None:
@@ -114,7 +114,7 @@ def _check_tokenizer(path: str, model_cfg: ModelConfig) -> None:
     except Exception as exc:  # sentencepiece / HF tokenizers raise their own types for a file they cannot read
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"data.tokenizer: {path} is not a SentencePiece model or WordPiece vocab.txt "
-                          f"({message})") from None
+                          f"({message})") from exc
     _check(tokenizer.vocab_size <= model_cfg.vocab_size,
            f"data.tokenizer: {path} has {tokenizer.vocab_size} pieces but model.vocab_size is "
            f"{model_cfg.vocab_size} (preset '{model_cfg.name}'): set model.vocab_size={tokenizer.vocab_size} "
@@ -132,7 +132,7 @@ def _check_writable_dir(key: str, path: str) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=parent))
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot write to {parent}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot write to {parent}: {exc.strerror}") from exc
 
 
 def _check_files(cfg: RunConfig, model_cfg: ModelConfig) -> None:
@@ -144,7 +144,7 @@ def _check_files(cfg: RunConfig, model_cfg: ModelConfig) -> None:
         try:  # a pattern naming no existing file is an error; single missing shards are the stream's to count
             paths = expand_shards(data.shards)
         except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"data.shards: {exc}") from None
+            raise ConfigError(f"data.shards: {exc}") from exc
         if get_task(cfg.stage).reads_text:
             _check(bool(data.tokenizer), f"data.tokenizer is not set (stage '{cfg.stage}' reads text)")
             _check(os.path.exists(data.tokenizer), f"data.tokenizer: file not found: {data.tokenizer}")
@@ -204,7 +204,7 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
     try:
         model_cfg = get_preset(cfg.preset, **model_overrides)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"preset/model: {exc}") from None
+        raise ConfigError(f"preset/model: {exc}") from exc
     check_deepspeed_config(ds_config, ds_path)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     _check(tp >= 1 and pp >= 1, f"parallel.tp={tp} and parallel.pp={pp} must be at least 1")
@@ -216,7 +216,7 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
         validate_layout(model_cfg, tp, pp, dp, zero, world_size)
         model_cfg.validate(tensor_parallel=tp)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(str(exc)) from exc
     _check(pp == 1 or not cfg.eval_every, f"eval_every={cfg.eval_every} with parallel.pp={pp}: evaluation during "
            "training is not supported with pipeline parallelism; set eval_every=0 (evaluate the exported weights)")
     for key in RUN_OWNED:
