@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention", choices=("auto", "sdpa", "explicit", "flex"), default="auto")
     parser.add_argument("--compile", action="store_true", help="model.compile=true (torch.compile per block)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="activation checkpointing every k-th block")
+    parser.add_argument("--pack-unimodal", action="store_true",
+                        help="model.pack_unimodal=true (stage 3's image-only and text-only passes as one)")
     parser.add_argument("--shards", help="webdataset shards (brace pattern): the real loader instead of random tensors")
     parser.add_argument("--tokenizer", help="with --shards: the tokenizer file")
     parser.add_argument("--workers", type=int, default=4, help="with --shards: loader worker processes")
@@ -102,6 +104,8 @@ def run_config(args, micro: int):
     model = {"attention": args.attention, "checkpoint_every": args.checkpoint_every}
     if args.compile:
         model["compile"] = True
+    if args.pack_unimodal:
+        model["pack_unimodal"] = True
     data = ({"source": "shards", "shards": args.shards, "tokenizer": args.tokenizer, "num_workers": args.workers}
             if args.shards else {"source": "random"})
     return build_dataclass(RunConfig, {"preset": args.preset, "stage": "vl", "data": data, "model": model,
@@ -272,7 +276,8 @@ def run_batch(trainer, args, micro: int, versions: dict) -> dict:
     device = device_name()
     row = {"preset": args.preset, "batch": micro, "zero": trainer.engine.zero_optimization_stage(),
            "dtype": args.dtype, "attention": args.attention, "compile": args.compile,
-           "checkpoint_every": args.checkpoint_every, "data": "shards" if args.shards else "random",
+           "checkpoint_every": args.checkpoint_every, "pack_unimodal": args.pack_unimodal,
+           "data": "shards" if args.shards else "random",
            "workers": args.workers if args.shards else 0, "device": device, **versions}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -310,7 +315,7 @@ def run_batch(trainer, args, micro: int, versions: dict) -> dict:
 def describe(row: dict) -> str:
     head = (f"step_bench preset={row['preset']} batch={row['batch']} dtype={row['dtype']} zero={row['zero']} "
             f"attention={row['attention']} compile={row['compile']} checkpoint_every={row['checkpoint_every']} "
-            f"data={row['data']} device={row['device']}: ")
+            f"pack_unimodal={row.get('pack_unimodal', False)} data={row['data']} device={row['device']}: ")
     if row["status"] != "ok":
         return head + f"{row['status']} ({row.get('error', '')})"
     line = (head + f"{row['s_step']:.3f} s/step, {row['samples_s']:.3f} samples/s, {row['tflops']:.3f} TFLOP/s "
