@@ -70,32 +70,51 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    def validate(self, tensor_parallel: int = 1) -> None:
-        """Raise ValueError naming the first key that makes this config impossible."""
+    def validate(self, tensor_parallel: int = 1, key_prefix: str = "") -> None:
+        """Raise ValueError naming the first key that makes this config impossible; keys are written
+        as `key_prefix` + field (the run config passes "model.", as its users write them)."""
+        def key(name: str) -> str:
+            return f"{key_prefix}{name}={getattr(self, name)!r}"
+
+        sizes = ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "ffn_dim",
+                 "vocab_size", "max_text_len", "max_text_len_of_initckpt", "num_modality_types")
+        for name in sizes:  # before the divisibility checks below, which would divide by zero
+            if getattr(self, name) < 1:
+                raise ValueError(f"model config '{self.name}': {key(name)} must be at least 1")
         checks = [
-            (self.embed_dim % self.num_heads == 0, "embed_dim must be divisible by num_heads"),
-            (self.image_size % self.patch_size == 0, "image_size must be divisible by patch_size"),
-            (0 <= self.vl_start <= self.depth, "vl_start must lie in [0, depth]"),
+            (self.embed_dim % self.num_heads == 0, f"{key('embed_dim')} is not divisible by {key('num_heads')}"),
+            (self.image_size % self.patch_size == 0,
+             f"{key('image_size')} is not divisible by {key('patch_size')}"),
+            (0 <= self.vl_start <= self.depth, f"{key('vl_start')} must lie in [0, {key('depth')}]"),
             (self.attention in ("auto", "sdpa", "flex", "explicit"),
-             "attention must be 'auto', 'sdpa', 'flex' or 'explicit'"),
+             f"{key_prefix}attention must be 'auto', 'sdpa', 'flex' or 'explicit', got {self.attention!r}"),
             (not (self.attention == "flex" and self.attn_drop > 0),
-             "attention 'flex' has no attention dropout: set attn_drop to 0 or choose another attention"),
-            (isinstance(self.compile, bool), "compile must be true or false"),
-            (isinstance(self.pack_unimodal, bool), "pack_unimodal must be true or false"),
-            (self.mim_target in ("pixel", "token"), "mim_target must be 'pixel' or 'token'"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+             f"{key('attention')} has no attention dropout: set {key_prefix}attn_drop to 0 or choose another "
+             "attention"),
+            (isinstance(self.compile, bool), f"{key_prefix}compile must be true or false, got {self.compile!r}"),
+            (isinstance(self.pack_unimodal, bool),
+             f"{key_prefix}pack_unimodal must be true or false, got {self.pack_unimodal!r}"),
+            (self.mim_target in ("pixel", "token"),
+             f"{key_prefix}mim_target must be 'pixel' or 'token', got {self.mim_target!r}"),
+            (self.checkpoint_every >= 0, f"{key('checkpoint_every')} must be >= 0"),
             (self.max_text_len <= self.max_text_len_of_initckpt or not self.use_rel_pos_bias,
-             "max_text_len exceeds max_text_len_of_initckpt, the text span of the relative table"),
+             f"{key('max_text_len')} exceeds {key('max_text_len_of_initckpt')}, the text span of the "
+             "relative table"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"model config '{self.name}': {msg}")
-        tp = tensor_parallel
-        for key, value in (("num_heads", self.num_heads), ("ffn_dim", self.ffn_dim),
-                           ("vocab_size", self.vocab_size)):
-            if value % tp:
-                raise ValueError(f"model config '{self.name}': {key}={value} is not divisible by "
-                                 f"tensor parallel size {tp}")
+        check_tensor_parallel(self, tensor_parallel)
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """The tensor-parallel rule, the one place it is checked: each TP rank holds 1/tp of the attention
+    heads, of the FFN columns and of the vocabulary rows, so tp must divide all three."""
+    for key in ("num_heads", "ffn_dim", "vocab_size"):
+        value = getattr(cfg, key)
+        if value % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide {key}={value} of '{cfg.name}': "
+                             "pick a tp that divides heads, FFN and vocabulary")
 
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {}

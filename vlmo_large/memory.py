@@ -20,6 +20,7 @@ from torch import nn
 
 from vlmo_large.config import ModelConfig
 from vlmo_large.model import build_model
+from vlmo_large.parallel.layout import check_pipeline_depth, check_pipeline_zero
 
 GIB = 1024 ** 3
 
@@ -121,10 +122,8 @@ def params_per_stage(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
 
 def estimate(cfg: ModelConfig, layout: Layout) -> dict:
     cfg.validate(tensor_parallel=layout.tp)
-    if layout.pp > 1 and layout.zero > 1:
-        raise ValueError("pipeline parallelism runs with ZeRO stage 0 or 1 only (DeepSpeed refuses 2 and 3)")
-    if layout.pp > cfg.depth:
-        raise ValueError(f"pipeline size {layout.pp} exceeds the {cfg.depth} layers of preset '{cfg.name}'")
+    check_pipeline_zero(layout.pp, layout.zero)
+    check_pipeline_depth(cfg, layout.pp)
     counts = parameter_counts(cfg)
     per_rank = max(params_per_stage(cfg, layout.tp, layout.pp))
     largest = counts["largest_module_params"] // layout.tp

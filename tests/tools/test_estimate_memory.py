@@ -46,4 +46,4 @@ def test_cli_json_and_errors():
     assert bad.returncode == 2 and "ZeRO stage 0 or 1" in bad.stderr and "Traceback" not in bad.stderr
     bad = subprocess.run([sys.executable, "tools/estimate_memory.py", "--preset", "base", "--tp", "5"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "num_heads=12 is not divisible by tensor parallel size 5" in bad.stderr
+    assert bad.returncode == 2 and "tensor parallel size 5 does not divide num_heads=12" in bad.stderr

@@ -83,10 +83,29 @@ def test_train_batch_size_disagreeing_with_the_run_configs_batch(launch):
     (["model.embed_dim=abc"], "config key 'model.embed_dim' must be int, got str 'abc'"),
     (["model.layer_scale_init=big"], "config key 'model.layer_scale_init' must be float or null, got str 'big'"),
     (["model.use_rel_pos_bias=3"], "config key 'model.use_rel_pos_bias' must be bool, got int 3"),
+    (["model.embed_dim=66"], "model config 'tiny': model.embed_dim=66 is not divisible by model.num_heads=4"),
+    (["model.vl_start=9"], "model config 'tiny': model.vl_start=9 must lie in [0, model.depth=4]"),
+    (["model.num_heads=0"], "model config 'tiny': model.num_heads=0 must be at least 1"),
+    (["model.attention=fast"], "model.attention must be 'auto', 'sdpa', 'flex' or 'explicit', got 'fast'"),
     (["optim.decay_rule=bert"], "optim.decay_rule='bert' must be one of reference, vlmo_large"),
 ])
 def test_out_of_range_or_mistyped_value_names_the_key(launch, overrides, message):
     assert message in launch(*overrides)
+
+
+def test_unknown_model_key_names_it_and_lists_the_model_configs_fields(launch):
+    import dataclasses
+
+    from vlmo_large.config import ModelConfig
+    fields = sorted(f.name for f in dataclasses.fields(ModelConfig))
+    assert launch("model.num_headz=3") == ("error: unknown config key 'model.num_headz' (known in this section: "
+                                           f"{', '.join(fields)})")
+
+
+def test_optional_model_keys_take_null(launch, tmp_path):
+    (tmp_path / "taken").write_text("a file")  # the later output_dir check stops the accepted config
+    line = launch("model.layer_scale_init=null", "model.text_dropout=null", output_dir=tmp_path / "taken")
+    assert "output_dir" in line
 
 
 def test_tokenizer_larger_than_the_models_vocabulary(launch, tmp_path):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.training.conftest import REPO
+from vlmo_large.config import get_preset
 from vlmo_large.training.run_config import ConfigError, load_run_config
 from vlmo_large.training.validation import resolve_run
 
@@ -26,7 +27,7 @@ def resolve(overrides, ds=DS_ZERO3, world=1, text=None, tmp_path=None):
     (["optim.lrr=1"], DS_ZERO3, 1, "unknown config key 'optim.lrr'"),
     (["schedule.steps=abc"], DS_ZERO3, 1, "config key 'schedule.steps' must be int, got str 'abc'"),
     (["seed=1.5"], DS_ZERO3, 1, "config key 'seed' must be int"),
-    (["model.num_headz=3"], DS_ZERO3, 1, "unknown model config key(s) ['num_headz']"),
+    (["model.num_headz=3"], DS_ZERO3, 1, "unknown config key 'model.num_headz' (known in this section: "),
     (["batch.micro=3"], {"train_batch_size": 8, **DS_ZERO3}, 2,
      "train_batch_size=8 != micro (3) * grad_accum (1) * data-parallel size (2) = 6"),
     (["batch.micro=2", "batch.grad_accum=2"], {"gradient_accumulation_steps": 4, **DS_ZERO3}, 1,
@@ -63,6 +64,28 @@ def test_yaml_and_overrides_build_a_valid_run(tmp_path):
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
     assert ds["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.98], "eps": 1e-8, "weight_decay": 0.01}
     assert resolved.model.drop_path_rate == 0.05
+
+
+@pytest.mark.parametrize("yaml_text, overrides", [
+    ("model: {embed_dim: abc}\n", []), ("", ["model.embed_dim=abc"])])
+def test_model_overrides_are_typed_in_yaml_and_on_the_command_line(tmp_path, yaml_text, overrides):
+    (tmp_path / "run.yaml").write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(str(tmp_path / "run.yaml"), overrides)  # when read, before any resolution
+    assert str(err.value) == "config key 'model.embed_dim' must be int, got str 'abc'"
+
+
+def test_model_overrides_replace_only_the_keys_given(tmp_path):
+    resolved = resolve(["model.num_heads=8", "model.layer_scale_init=null"], tmp_path=tmp_path,
+                       text="model: {embed_dim: 128, drop_path_rate: 0}\n")
+    expected = get_preset("tiny").replace(embed_dim=128, num_heads=8, layer_scale_init=None, drop_path_rate=0.0)
+    assert resolved.model == expected
+    assert isinstance(resolved.model.drop_path_rate, float)  # YAML's 0, as the field's type
+
+
+def test_model_section_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="config section 'model' must be a mapping, got 3"):
+        load_run_config(None, ["model=3"])
 
 
 def test_launcher_prints_one_error_line_and_exits_2(tmp_path):

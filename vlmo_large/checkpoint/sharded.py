@@ -22,6 +22,7 @@ from vlmo_large.checkpoint.plain import CONFIG_NAME, PlainCheckpoint, config_to_
 from vlmo_large.checkpoint.safetensors_stream import write_streamed
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError, LoadReport
+from vlmo_large.parallel.layout import check_pipeline_depth
 from vlmo_large.parallel.sharding import shard, unshard
 
 MANIFEST = "sharded.json"
@@ -47,8 +48,7 @@ def write_sharded(plain_path: str, out_dir: str, tp: int, pp: int = 1, cfg: Mode
     if cfg is None:
         raise CheckpointError(f"{plain_path}: no config.json; pass --preset or --config")
     cfg.validate(tensor_parallel=tp)
-    if pp > cfg.depth:
-        raise ValueError(f"cannot split {cfg.depth} layers into {pp} pipeline stages")
+    check_pipeline_depth(cfg, pp)
     if plain.naming != "vlmo_large":
         raise CheckpointError(f"{plain_path} uses {plain.naming} tensor names; turn it into this project's layout "
                               "with `import-reference` first (it also initialises what that layout lacks)")

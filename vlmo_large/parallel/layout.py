@@ -1,12 +1,35 @@
 """Which TP x PP x DP x ZeRO layouts this project runs, checked before any process group exists.
 
 Supported: TP x ZeRO-0/1/2/3 data parallel; TP x PP x ZeRO-0/1 data parallel (DeepSpeed's pipeline
-engine refuses ZeRO-2/3). Each unsupported combination raises a ValueError with one line that
-says what to change.
+engine refuses ZeRO-2/3). Each rule is one function here (the tensor-parallel rule is
+config.check_tensor_parallel, a model-config fact), used by every caller: the run validation, the
+process groups, the pipeline engine, the memory estimator and the checkpoint splitter. Each
+unsupported combination raises a ValueError with one line that says what to change.
 """
 from __future__ import annotations
 
-from vlmo_large.config import ModelConfig
+from vlmo_large.config import ModelConfig, check_tensor_parallel
+
+
+def data_parallel_size(world_size: int, tp: int, pp: int) -> int:
+    """The world-size rule: the processes form whole TP x PP model replicas; returns their number."""
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tp ({tp}) * parallel.pp ({pp})")
+    return world_size // (tp * pp)
+
+
+def check_pipeline_zero(pp: int, zero_stage: int) -> None:
+    """The pipeline/ZeRO rule: DeepSpeed's PipelineEngine asserts ZeRO stage < 2 at initialisation."""
+    if pp > 1 and zero_stage > 1:
+        raise ValueError("DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only: "
+                         "set zero_optimization.stage to 1")
+
+
+def check_pipeline_depth(model_cfg: ModelConfig, pp: int) -> None:
+    """Every pipeline stage holds at least one block."""
+    if pp > model_cfg.depth:
+        raise ValueError(f"pipeline parallel size {pp} exceeds the depth {model_cfg.depth} of "
+                         f"'{model_cfg.name}': every stage needs at least one block")
 
 
 def validate_layout(model_cfg: ModelConfig, tp: int, pp: int, dp: int, zero_stage: int,
@@ -16,17 +39,9 @@ def validate_layout(model_cfg: ModelConfig, tp: int, pp: int, dp: int, zero_stag
             raise ValueError(f"{name}={value} must be at least 1")
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage={zero_stage} must be 0, 1, 2 or 3")
-    if tp * pp * dp != world_size:
+    if data_parallel_size(world_size, tp, pp) != dp:
         raise ValueError(f"world size {world_size} != tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp}: "
                          f"choose sizes whose product is the number of processes")
-    if pp > 1 and zero_stage > 1:
-        raise ValueError("DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only: "
-                         "set zero_optimization.stage to 1")
-    for key, value in (("num_heads", model_cfg.num_heads), ("ffn_dim", model_cfg.ffn_dim),
-                       ("vocab_size", model_cfg.vocab_size)):
-        if value % tp:
-            raise ValueError(f"tensor parallel size {tp} does not divide {key}={value} of "
-                             f"'{model_cfg.name}': pick a tp that divides heads, FFN and vocabulary")
-    if pp > model_cfg.depth:
-        raise ValueError(f"pipeline parallel size {pp} exceeds the depth {model_cfg.depth} of "
-                         f"'{model_cfg.name}': every stage needs at least one block")
+    check_pipeline_zero(pp, zero_stage)
+    check_tensor_parallel(model_cfg, tp)
+    check_pipeline_depth(model_cfg, pp)

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from vlmo_large.parallel.layout import data_parallel_size
+
 
 def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -44,9 +46,7 @@ def ensure_initialized(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> 
             raise RuntimeError(f"model-parallel groups already initialised as TP={have[0]} PP={have[1]}, "
                                f"asked for TP={tensor_parallel} PP={pipeline_parallel}")
         return
-    world = dist.get_world_size()
-    if world % (tensor_parallel * pipeline_parallel):
-        raise ValueError(f"world size {world} is not divisible by TP={tensor_parallel} x PP={pipeline_parallel}")
+    data_parallel_size(dist.get_world_size(), tensor_parallel, pipeline_parallel)  # the world-size rule
     from vlmo_large.parallel import cpu_shim
     cpu_shim.install_if_cpu()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from vlmo_large.config import ModelConfig
 from vlmo_large.errors import UserError
 from vlmo_large.tasks.loss_weights import LossWeights
 
@@ -25,6 +26,11 @@ DECAY_RULES = ("reference", "vlmo_large")  # optim.decay_rule: training/optimiza
 
 class ConfigError(UserError):
     """A configuration that cannot run; the message is one line naming the key or file."""
+
+
+# Field metadata: this dict field holds a sparse set of the named dataclass's fields (overrides),
+# checked key by key as a section of that dataclass would be
+OVERRIDES_OF = "overrides_of"
 
 
 @dataclass
@@ -90,7 +96,9 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     preset: str = "tiny"
-    model: dict = field(default_factory=dict)   # ModelConfig overrides of the preset
+    # ModelConfig fields that replace the preset's, e.g. {embed_dim: 512}: each key and value is
+    # checked against ModelConfig as the other sections are (OVERRIDES_OF), only the given keys kept
+    model: dict = field(default_factory=dict, metadata={OVERRIDES_OF: ModelConfig})
     stage: str = "vl"                   # the task: "mim" (1), "text_mlm" (2), "vl" (3) or a plugin's (vlmo_large/tasks/)
     plugins: list[str] = field(default_factory=list)  # modules imported before the task is looked up (they register tasks)
     seed: int = 0
@@ -152,29 +160,30 @@ def _coerce(tp, value, key: str):
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
-def typed_fields(cls, data: dict, prefix: str = "") -> dict:
-    """`data` with each value of a field `cls` declares checked against its annotation (as the run
-    config's own keys are); keys `cls` does not declare are left for the caller to report."""
-    hints = typing.get_type_hints(cls)
-    return {key: _coerce(hints[key], value, prefix + key) if key in hints else value for key, value in data.items()}
-
-
-def build_dataclass(cls, data: dict, prefix: str = ""):
+def _checked_section(cls, data: dict, prefix: str) -> dict:
+    """`data`, a section of fields of the dataclass `cls`, with each key known and each value of its
+    field's type."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
-        if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known in this section: {', '.join(sorted(names))})")
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known in this section: {', '.join(sorted(fields))})")
     values = {}
     for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        tp, overrides_of = hints[name], fields[name].metadata.get(OVERRIDES_OF)
+        if overrides_of is not None:
+            values[name] = _checked_section(overrides_of, value, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(tp):
             values[name] = build_dataclass(tp, value, f"{prefix}{name}.")
         else:
             values[name] = _coerce(tp, value, prefix + name)
-    return cls(**values)
+    return values
+
+
+def build_dataclass(cls, data: dict, prefix: str = ""):
+    return cls(**_checked_section(cls, data, prefix))
 
 
 # -- files and overrides --------------------------------------------------------------------------

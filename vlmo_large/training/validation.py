@@ -14,11 +14,11 @@ import tempfile
 from dataclasses import dataclass
 
 from vlmo_large.config import ModelConfig, get_preset
-from vlmo_large.parallel.layout import validate_layout
+from vlmo_large.parallel.layout import data_parallel_size, validate_layout
 from vlmo_large.training.deepspeed_config_check import check_deepspeed_config
 from vlmo_large.errors import UserError
 from vlmo_large.tasks.registry import get_task, import_plugins, task_names
-from vlmo_large.training.run_config import DECAY_RULES, ConfigError, RunConfig, typed_fields
+from vlmo_large.training.run_config import DECAY_RULES, ConfigError, RunConfig
 
 RUN_OWNED = ("optimizer", "scheduler")  # the run config sets these; the DeepSpeed file must not
 
@@ -200,21 +200,18 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
     except UserError as exc:
         raise ConfigError(str(exc)) from exc.__cause__
     _check_ranges(cfg)
-    model_overrides = typed_fields(ModelConfig, cfg.model, "model.")  # `model.embed_dim=abc`: one line
-    try:
-        model_cfg = get_preset(cfg.preset, **model_overrides)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"preset/model: {exc}") from exc
+    try:  # the keys and types of cfg.model were checked when the run config was read
+        model_cfg = get_preset(cfg.preset, **cfg.model)
+    except ValueError as exc:
+        raise ConfigError(f"preset: {exc}") from exc
     check_deepspeed_config(ds_config, ds_path)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     _check(tp >= 1 and pp >= 1, f"parallel.tp={tp} and parallel.pp={pp} must be at least 1")
-    _check(world_size % (tp * pp) == 0, f"world size {world_size} is not divisible by parallel.tp ({tp}) * "
-           f"parallel.pp ({pp})")
-    dp = world_size // (tp * pp)
     zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    try:
+    try:  # combinations of model keys, then the layout rules (parallel/layout.py)
+        model_cfg.validate(tensor_parallel=tp, key_prefix="model.")
+        dp = data_parallel_size(world_size, tp, pp)
         validate_layout(model_cfg, tp, pp, dp, zero, world_size)
-        model_cfg.validate(tensor_parallel=tp)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     _check(pp == 1 or not cfg.eval_every, f"eval_every={cfg.eval_every} with parallel.pp={pp}: evaluation during "
