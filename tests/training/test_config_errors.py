@@ -108,6 +108,14 @@ def test_optional_model_keys_take_null(launch, tmp_path):
     assert "output_dir" in line
 
 
+def test_compile_with_zero3_is_refused_with_the_reason(launch):
+    # under ZeRO-3 the first compiled block stops at DeepSpeed's pre-forward hook (torch._dynamo Unsupported:
+    # "Skip calling `torch.compiler.disable()`d function"; step_bench --zero 3 --compile, DeepSpeed 0.19.8)
+    line = launch("model.compile=true", ds={"zero_optimization": {"stage": 3}})
+    assert line.startswith("error: model.compile=true with zero_optimization.stage=3: ")
+    assert line.endswith("use ZeRO-1 or 2 (as ds_configs/*_zero2_bf16.json) or model.compile=false")
+
+
 def test_tokenizer_larger_than_the_models_vocabulary(launch, tmp_path):
     vocab = wordpiece_vocab(tmp_path / "vocab.txt", 1100)
     line = launch("data.source=shards", f"data.shards={tar_shard(tmp_path / 'train-000.tar')}",

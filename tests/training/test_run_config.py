@@ -36,6 +36,8 @@ def resolve(overrides, ds=DS_ZERO3, world=1, text=None, tmp_path=None):
     (["parallel.tp=2"], DS_ZERO3, 3, "world size 3 is not divisible by parallel.tp (2)"),
     (["parallel.pp=2"], DS_ZERO3, 2, "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only: "
                                      "set zero_optimization.stage to 1"),
+    (["model.compile=true"], DS_ZERO3, 1, "model.compile=true with zero_optimization.stage=3: ZeRO-3's parameter "
+     "hooks are torch.compiler.disable'd functions, which a whole-graph compiled block cannot call"),
     (["stage=mlm"], DS_ZERO3, 1, "stage='mlm' must be one of mim, text_mlm, vl"),
     (["batch.micro=1"], DS_ZERO3, 1, "stage 'vl' needs at least 2 samples"),
     ([], {"optimizer": {"type": "Adam"}, **DS_ZERO3}, 1, "the DeepSpeed config sets 'optimizer'"),
@@ -81,6 +83,11 @@ def test_model_overrides_replace_only_the_keys_given(tmp_path):
     expected = get_preset("tiny").replace(embed_dim=128, num_heads=8, layer_scale_init=None, drop_path_rate=0.0)
     assert resolved.model == expected
     assert isinstance(resolved.model.drop_path_rate, float)  # YAML's 0, as the field's type
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_compiled_blocks_run_with_zero_below_3(zero):
+    assert resolve(["model.compile=true"], {"zero_optimization": {"stage": zero}}).model.compile is True
 
 
 def test_model_section_must_be_a_mapping():

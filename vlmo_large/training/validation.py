@@ -214,6 +214,9 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
         validate_layout(model_cfg, tp, pp, dp, zero, world_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    _check(not (model_cfg.compile and zero == 3), "model.compile=true with zero_optimization.stage=3: ZeRO-3's "
+           "parameter hooks are torch.compiler.disable'd functions, which a whole-graph compiled block cannot call "
+           "(launchers/CLUSTER.md); use ZeRO-1 or 2 (as ds_configs/*_zero2_bf16.json) or model.compile=false")
     _check(pp == 1 or not cfg.eval_every, f"eval_every={cfg.eval_every} with parallel.pp={pp}: evaluation during "
            "training is not supported with pipeline parallelism; set eval_every=0 (evaluate the exported weights)")
     for key in RUN_OWNED:
