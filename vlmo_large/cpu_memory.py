@@ -2,7 +2,8 @@
 
 glibc hands every freed block above its mmap threshold back to the kernel, so a CPU training
 step that allocates and frees gigabytes of activations page-faults and zeroes all of them again
-on the next step (base, batch 4: 1.4 million faults and ~2.5 s of kernel time in a 17 s step).
+on the next step (a large share of a base CPU step: benchmarks/RESULTS.md, "CPU measurements cited by
+the code").
 Two process-wide settings keep that memory: glibc's `mallopt` (large blocks from the heap, which
 is never trimmed) and torch's `THP_MEM_ALLOC_ENABLE` (2 MB pages for large tensors, read when
 torch first allocates one). The cost is that the process keeps its peak host memory. GPU runs

@@ -1,9 +1,9 @@
 """CPU threads per training process: the cores this process may use, shared by the ranks of its node.
 
 torch starts one intra-op thread per core in every process. Several ranks on one host (or one
-loader workers next to a rank) then run more spinning OpenMP threads than there are cores, and each step waits on threads that are descheduled: the same tiny run trained at
-1.6-3.7 samples/s instead of 43-49 with one thread per process, with identical losses (here, with
-two other busy processes on 2 cores: 3.5-29 samples/s with 2 threads, 60-98 with 1).
+loader workers next to a rank) then run more spinning OpenMP threads than there are cores, and
+each step waits on threads that are descheduled: the same run, with identical losses, is an order
+of magnitude slower (benchmarks/RESULTS.md, "CPU measurements cited by the code").
 
     n, why = choose_threads(os.environ, requested=args.threads)
     apply_threads(n)

@@ -26,7 +26,7 @@ _prepared = False
 
 def prepare_deepspeed(rank: int) -> None:
     """Quiet DeepSpeed on every rank but 0, and on a CPU-only machine skip its shared-memory op
-    (a ~50 s JIT build that only serves inference all-reduce; docs/CPU_STACK.md)."""
+    (a JIT build, slow and needing a compiler, that only serves inference all-reduce; docs/CPU_STACK.md)."""
     global _prepared
     from deepspeed.utils import logger
 
@@ -53,10 +53,11 @@ def _plain_cuda_arch_list() -> None:
 def with_torch_fused_adamw(ds_config: dict) -> dict:
     """A copy of `ds_config` whose AdamW is torch's fused one (`torch_adam`), on every device.
 
-    DeepSpeed's own FusedAdam is a JIT-built op: nvcc and ~1 min on each compute node (and a CPU op
-    of ~45 s here). torch's fused AdamW is one multi-tensor kernel per step on a GPU and ~3x quicker
-    than torch's per-tensor loop over ZeRO's flat buffers on a CPU (base: 0.9 s vs 2.8 s a step);
-    ZeRO's fp32 master partitions and its checkpoints are the same either way."""
+    DeepSpeed's own FusedAdam is a JIT-built op: nvcc and a build on each compute node (and a CPU
+    op built the same way). torch's fused AdamW is one multi-tensor kernel per step on a GPU and on
+    a CPU quicker than torch's per-tensor loop over ZeRO's flat buffers (benchmarks/RESULTS.md, "CPU
+    measurements cited by the code"); ZeRO's fp32 master partitions and its checkpoints are the
+    same either way."""
     ds_config = copy.deepcopy(ds_config)
     ds_config["optimizer"]["params"].update(torch_adam=True, fused=True)
     return ds_config
@@ -81,7 +82,7 @@ def build_engine(objective: torch.nn.Module, resolved: ResolvedRun, cfg: RunConf
                                       mpu=mpu)  # a plain function: LambdaLR keeps it out of checkpoints
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # one data-parallel rank: DeepSpeed's bucketed all-reduce would only flatten every gradient
-        # and copy it back (~0.5 s of a 12 s base step on a CPU)
+        # and copy it back (benchmarks/RESULTS.md, "CPU measurements cited by the code")
         engine.enable_backward_allreduce = False
     return engine
 
