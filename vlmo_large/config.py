@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
+# torch.compile's modes; "reduce-overhead" replays each compiled block as a CUDA graph (no launch
+# overhead: what pays for the short text pass), "max-autotune" also benchmarks GEMM configurations
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"
@@ -44,6 +49,7 @@ class ModelConfig:
     #                          "auto" (see attention.py and docs/PERFORMANCE.md)
     checkpoint_every: int = 0  # activation checkpointing: 0 none, k every k-th block
     compile: bool = False  # torch.compile each block (regional; parallel/parallelize.py)
+    compile_mode: str = "default"  # torch.compile mode: "default", or "reduce-overhead" (CUDA graphs), "max-autotune"
     pack_unimodal: bool = False  # stage 3: run the image-only and text-only passes as one packed pass (backbone.py)
 
     @property
@@ -92,6 +98,8 @@ class ModelConfig:
              f"{key('attention')} has no attention dropout: set {key_prefix}attn_drop to 0 or choose another "
              "attention"),
             (isinstance(self.compile, bool), f"{key_prefix}compile must be true or false, got {self.compile!r}"),
+            (self.compile_mode in COMPILE_MODES,
+             f"{key_prefix}compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"),
             (isinstance(self.pack_unimodal, bool),
              f"{key_prefix}pack_unimodal must be true or false, got {self.pack_unimodal!r}"),
             (self.mim_target in ("pixel", "token"),

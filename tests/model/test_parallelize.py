@@ -29,7 +29,21 @@ def test_a_model_built_for_another_tp_size_is_refused():
     ({"attention": "fast"}, "attention must be"),
     ({"attention": "flex", "attn_drop": 0.1}, "no attention dropout"),
     ({"compile": "yes"}, "compile must be true or false"),
+    ({"compile_mode": "fastest"}, "compile_mode must be one of default, reduce-overhead"),
 ])
 def test_config_validation_names_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         get_preset("tiny", **overrides).validate()
+
+
+def test_compile_mode_reaches_torch_compile_of_every_block(monkeypatch):
+    """model.compile_mode=reduce-overhead (CUDA graphs) is what each block's torch.compile gets."""
+    cfg = get_preset("tiny", compile=True, compile_mode="reduce-overhead")
+    assert plan_from_config(cfg).compile_mode == "reduce-overhead"
+    model = build_model(cfg)
+    calls = []
+    for block in model.backbone.blocks:
+        monkeypatch.setattr(block, "compile", lambda **kwargs: calls.append(kwargs))
+    parallelize(model, plan_from_config(cfg))
+    assert calls == [{"fullgraph": True, "backend": "inductor", "mode": "reduce-overhead"}] * cfg.depth
+    assert all(block.attn.compiled for block in model.backbone.blocks)

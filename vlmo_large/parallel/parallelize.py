@@ -39,10 +39,12 @@ class ExecutionPlan:
     checkpoint_every: int = 0
     compile: bool = False
     compile_backend: str = "inductor"  # tests use "aot_eager": the same graphs and autograd, no codegen
+    compile_mode: str = "default"  # config.COMPILE_MODES ("reduce-overhead": CUDA graphs per block)
 
 
 def plan_from_config(cfg: ModelConfig) -> ExecutionPlan:
-    return ExecutionPlan(attention=cfg.attention, checkpoint_every=cfg.checkpoint_every, compile=cfg.compile)
+    return ExecutionPlan(attention=cfg.attention, checkpoint_every=cfg.checkpoint_every, compile=cfg.compile,
+                         compile_mode=cfg.compile_mode)
 
 
 def parallelize(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
@@ -53,7 +55,7 @@ def parallelize(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     for block in backbone.blocks:
         block.attn.backend = plan.attention
     if plan.compile:
-        compile_blocks(backbone.blocks, plan.compile_backend)
+        compile_blocks(backbone.blocks, plan.compile_backend, plan.compile_mode)
     return model
 
 
@@ -71,9 +73,13 @@ def check_tensor_parallel(backbone: nn.Module) -> None:
                 raise ValueError(f"{name} was built for tensor parallel size {size}, the run uses {tp}")
 
 
-def compile_blocks(blocks, backend: str = "inductor") -> None:
-    """torch.compile each block in place, whole-graph (a graph break raises)."""
+def compile_blocks(blocks, backend: str = "inductor", mode: str = "default") -> None:
+    """torch.compile each block in place, whole-graph (a graph break raises). A mode other than
+    "default" is inductor's (torch rejects a mode with another backend)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.attn.compiled = True
-        block.compile(fullgraph=True, backend=backend)
+        if mode == "default":
+            block.compile(fullgraph=True, backend=backend)
+        else:
+            block.compile(fullgraph=True, backend=backend, mode=mode)
