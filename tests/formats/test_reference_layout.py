@@ -13,7 +13,7 @@ def _model(preset="tiny", seed=0, **overrides):
     return randomize_(build_model(preset, **overrides), seed=seed)
 
 
-def test_reference_names_follow_spec_section7():
+def test_reference_names_follow_model_md_section7():
     ref = to_reference(build_model("base", device="meta").state_dict())
     assert tuple(ref["relative_position_bias_table"].shape) == (1126, 144)
     for key in ["logit_scale", "logit_vl_scale", "transformer.cls_token", "transformer.blocks.0.attn.q_bias",

@@ -1,4 +1,4 @@
-"""Backbone parameter counts equal the reference implementation's (spec section 3)."""
+"""Backbone parameter counts equal the reference implementation's (docs/MODEL.md section 3)."""
 import pytest
 
 from vlmo_large.model import build_model, count_parameters

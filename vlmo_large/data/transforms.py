@@ -1,4 +1,4 @@
-"""Image transforms, built from timm's factory (spec section 4).
+"""Image transforms, built from timm's factory (docs/MODEL.md section 4).
 
 augment="spec" (pretraining default): RandomResizedCrop(scale 0.5-1, bicubic) -> horizontal flip
     -> RandAugment(n=2, m=7) -> ToTensor -> normalise(mean 0.5, std 0.5)

@@ -1,4 +1,4 @@
-"""Image-text retrieval recall by exhaustive cosine search (spec section 6).
+"""Image-text retrieval recall by exhaustive cosine search (docs/MODEL.md section 6).
 
 TR@k (text retrieval, image query): some gold caption of the image is among its k best texts.
 IR@k (image retrieval, text query): the caption's gold image is among its k best images.

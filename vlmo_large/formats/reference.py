@@ -1,4 +1,4 @@
-"""The reference VLMo checkpoint layout (spec section 7) <-> this project's names.
+"""The reference VLMo checkpoint layout (docs/MODEL.md section 7) <-> this project's names.
 
 Both layouts hold the same tensors with the same shapes (the merged relative table included), so
 conversion is renaming, plus resampling the relative table or absolute positions when the

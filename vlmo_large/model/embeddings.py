@@ -1,4 +1,4 @@
-"""Text and image embeddings (spec section 2). The modality-type rows are added by the backbone."""
+"""Text and image embeddings (docs/MODEL.md section 2). The modality-type rows are added by the backbone."""
 from __future__ import annotations
 
 import torch

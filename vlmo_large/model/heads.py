@@ -1,4 +1,4 @@
-"""Pooler and pretraining heads (spec sections 4 and 5)."""
+"""Pooler and pretraining heads (docs/MODEL.md sections 4 and 5)."""
 from __future__ import annotations
 
 import math

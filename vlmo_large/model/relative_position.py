@@ -1,4 +1,4 @@
-"""The merged relative position bias of VLMo (spec section 2).
+"""The merged relative position bias of VLMo (docs/MODEL.md section 2).
 
 One table [(2g-1)^2 + 3 + 2*T0 + 2, heads * layers] (g = image grid, T0 = max_text_len_of_initckpt)
 shared by every layer; column `layer * heads + head`. Rows:

@@ -1,4 +1,4 @@
-"""The loss functions the tasks share: ITC, ITM hard negatives, MLM and MIM (spec sections 4 and 5).
+"""The loss functions the tasks share: ITC, ITM hard negatives, MLM and MIM (docs/MODEL.md sections 4 and 5).
 
 Loss scale and world size. Every loss a rank returns is a mean over its own samples (ITC: its own
 rows of the global similarity matrix, against all columns). DeepSpeed averages gradients over

@@ -1,4 +1,4 @@
-"""Stage 1, masked image modeling: predict the masked patches (spec section 5)."""
+"""Stage 1, masked image modeling: predict the masked patches (docs/MODEL.md section 5)."""
 from __future__ import annotations
 
 from vlmo_large.tasks.base import EncoderPass, StepContext, Task

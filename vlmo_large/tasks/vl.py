@@ -1,5 +1,5 @@
 """Stage 3, vision-language: ITC (final and VL-branch CLS), ITM with global hard negatives, MLM on
-the fused encoder (spec sections 4 and 5)."""
+the fused encoder (docs/MODEL.md sections 4 and 5)."""
 from __future__ import annotations
 
 import torch

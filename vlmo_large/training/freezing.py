@@ -1,4 +1,4 @@
-"""Which parameters a task trains (its `trainable` patterns; spec section 5 for the pretraining
+"""Which parameters a task trains (its `trainable` patterns; docs/MODEL.md section 5 for the pretraining
 stages); the rest are frozen.
 
 Frozen parameters get requires_grad=False and are left out of the optimizer, so neither gradients

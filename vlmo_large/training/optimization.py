@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the learning-rate schedule (spec section 4).
+"""AdamW parameter groups and the learning-rate schedule (docs/MODEL.md section 4).
 
 Which parameters get weight decay (`optim.decay_rule`):
 - "reference" (default): the reference VLMo's rule (unilm vlmo/modules/vlmo_utils.py, set_schedule):
