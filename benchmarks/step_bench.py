@@ -49,6 +49,7 @@ PHASES = ("to_device", "forward", "backward", "optimizer", "metrics")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="base")
+    parser.add_argument("--stage", default="vl", help="the task to time (a name registered in vlmo_large/tasks/)")
     parser.add_argument("--batch", default="4", help="micro-batch size, or a comma list run smallest first")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -108,7 +109,7 @@ def run_config(args, micro: int):
         model["pack_unimodal"] = True
     data = ({"source": "shards", "shards": args.shards, "tokenizer": args.tokenizer, "num_workers": args.workers}
             if args.shards else {"source": "random"})
-    return build_dataclass(RunConfig, {"preset": args.preset, "stage": "vl", "data": data, "model": model,
+    return build_dataclass(RunConfig, {"preset": args.preset, "stage": args.stage, "data": data, "model": model,
                                        "batch": {"micro": micro, "grad_accum": 1}, "tracking_uri": "none",
                                        "schedule": {"steps": 10 ** 6, "warmup": 10}, "log_every": 10 ** 6})
 

@@ -48,8 +48,11 @@ def get_task(name) -> Task:
 
 
 def task_names() -> tuple[str, ...]:
+    """The built-in tasks first (BUILT_IN's order), then the others in registration order."""
     _load_built_in()
-    return tuple(_TASKS)
+    rank = {module: i for i, module in enumerate(BUILT_IN)}
+    ordered = sorted(_TASKS.values(), key=lambda task: rank.get(type(task).__module__, len(BUILT_IN)))
+    return tuple(task.name for task in ordered)
 
 
 def import_plugins(modules, key: str = "plugins") -> None:

@@ -58,10 +58,10 @@ def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=No
                            torch.cat([batch["image"], pairs["image"]]), keep=fused_pass.kept(T))
     mlm = mlm_loss(model.mlm_head, fused[:B], batch["mlm_labels"], mlm_slots)
     itm_logits = model.itm_head(model.pooler(fused[B:])).float()
-    return vl_terms(itc_main, itc_vl, mlm, itm_logits, pairs["labels"], weights, model.itc.logit_scale)
+    return vl_loss_terms(itc_main, itc_vl, mlm, itm_logits, pairs["labels"], weights, model.itc.logit_scale)
 
 
-def vl_terms(itc_main, itc_vl, mlm, itm_logits, itm_labels, weights: LossWeights, logit_scale) -> dict:
+def vl_loss_terms(itc_main, itc_vl, mlm, itm_logits, itm_labels, weights: LossWeights, logit_scale) -> dict:
     """The weighted loss and the reported terms from the heads' outputs (the pipeline's last stage
     calls this too)."""
     itc = (itc_main + itc_vl) / 2

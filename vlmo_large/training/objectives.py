@@ -33,10 +33,6 @@ class TaskObjective(torch.nn.Module):
         self.model, self.task, self.weights, self.group, self.seed = model, get_task(task), loss, group, seed
         self.mlm_slots = None if mlm_prob is None else max_masked_tokens(model.cfg.max_text_len, mlm_prob)
 
-    @property
-    def stage(self) -> str:
-        return self.task.name
-
     def forward(self, batch: dict, step: int = 0) -> dict:
         ctx = StepContext(self.weights, self.group, self.seed, step, self.mlm_slots)
         return self.task.forward(self.model, batch, ctx)

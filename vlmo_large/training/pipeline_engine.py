@@ -2,11 +2,11 @@
 
 A stage-3 ("vl") step, M micro-batches of B pairs on each data-parallel rank:
   1. dual pass: `engine.eval_batch` in "dual" mode, no grad: the image and text streams only; the
-     last stage turns their CLS states into the global ITC logits (objectives.contrastive_loss);
+     last stage turns their CLS states into the global ITC logits (tasks/losses.py contrastive_loss);
   2. those logits [M, 2, B, B x DP] are broadcast along each pipeline to its first stage;
-  3. the first stage draws the hard negatives and builds the 3B ITM pairs with objectives.itm_pairs
+  3. the first stage draws the hard negatives and builds the 3B ITM pairs with tasks/losses.py itm_pairs
      (all-gathering the raw images, ids and masks over data parallel), seeded as
-     PretrainingObjective seeds it, so both paths draw the same negatives;
+     the one-process step seeds it (StepContext), so both paths draw the same negatives;
   4. training pass: `engine.train_batch` in "vl" mode (ITC, ITM, MLM; ZeRO-1 step).
 Cost of step 1: one extra forward of the image and text streams, without backward, VL branch or
 fused pairs. Per sample at 224 px / 40 tokens the training pass runs 197 + 40 image/text tokens,
@@ -28,8 +28,9 @@ from vlmo_large.training.pipeline_module import MoMEPipeline
 from vlmo_large.parallel.pipeline_topology import pipeline_topology
 from vlmo_large.training.pipeline_weights import freeze_for_stage, load_plain_state_dict, param_groups
 from vlmo_large.training.engine import model_dtype, prepare_deepspeed
-from vlmo_large.training.objectives import itm_pairs, normalized_pixel_targets
-from vlmo_large.training.objectives import itm_labels as objectives_itm_labels
+from vlmo_large.tasks.base import StepContext
+from vlmo_large.tasks.losses import itm_labels as make_itm_labels
+from vlmo_large.tasks.losses import itm_pairs, normalized_pixel_targets
 
 
 def build_pipeline_engine(cfg: ModelConfig, stage: str, ds_config: dict, tensor_parallel: int,
@@ -106,15 +107,14 @@ class PipelineStep:
         for mb, (i2t, t2i) in zip(micro_batches, logits):
             B, inputs = len(mb["text_ids"]), None
             if self.first:
-                # PretrainingObjective's seed for this step and data-parallel rank
-                generator = torch.Generator(device=mb["image"].device)
-                generator.manual_seed((self.seed * 1_000_003 + step) * 4099 + state.dp_rank())
+                # the one-process step's generator for this step and data-parallel rank
+                generator = StepContext(group=group, seed=self.seed, step=step).generator(mb["image"].device)
                 pairs = itm_pairs(mb, i2t, t2i, group, generator, self.itm_skip_identical_text)
                 inputs = (mb["image"], mb["text_ids"], mb["text_mask"],
                           torch.cat([mb["mlm_ids"], pairs["text_ids"]]),
                           torch.cat([mb["text_mask"], pairs["text_mask"]]),
                           torch.cat([mb["image"], pairs["image"]]))
-            itm_labels = objectives_itm_labels(B, mb["mlm_labels"].device)  # made on the device, no copy
+            itm_labels = make_itm_labels(B, mb["mlm_labels"].device)  # made on the device, no copy
             data.append((inputs, (mb["mlm_labels"], itm_labels)))
         return self._train("vl", data)
 

@@ -1,8 +1,8 @@
-"""The pipeline's loss: training/objectives.py applied to what the last stage's layers return.
+"""The pipeline's loss: the tasks' losses (vlmo_large/tasks/) applied to what the last stage's layers return.
 
 DeepSpeed's engine calls `loss_fn(outputs, labels)` on the last stage for each micro-batch. The
-objectives there run VLMo's encoders themselves; here the encoders are the pipeline, so this
-module applies the same heads and loss functions (contrastive_loss, mlm_loss, the MIM target) to
+tasks run VLMo's encoders themselves; here the encoders are the pipeline, so this module applies
+the same heads and loss functions (contrastive_loss, mlm_loss, the MIM target) to
 the final-normed states of the head layer, whose modules the loss holds (`head`). The terms of the
 last call are kept for `MoMEPipeline.get_additional_losses`, which DeepSpeed averages over
 micro-batches and data-parallel ranks like the loss.
@@ -11,30 +11,29 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch.nn.functional as F
-
 from vlmo_large.parallel import state
-from vlmo_large.training.objectives import LossWeights, contrastive_loss, masked_patch_loss, mlm_loss
+from vlmo_large.tasks.loss_weights import LossWeights
+from vlmo_large.tasks.losses import contrastive_loss, masked_patch_loss, mlm_loss
+from vlmo_large.tasks.registry import get_task
+from vlmo_large.tasks.vl import vl_loss_terms
 
-# Reported terms of each mode (the keys of objectives.py's stage dicts, "loss" aside).
-TERMS = {"vl": ("itc", "itc_vl", "itm", "mlm", "itm_acc", "logit_scale"), "mim": ("mim",),
-         "text_mlm": ("mlm",), "dual": ()}
+
+def mode_terms(mode: str) -> tuple[str, ...]:
+    """Reported terms of a pipeline mode, "loss" aside: its task's (a training mode is named after
+    its task); "dual", the no-grad ITC pass, reports none."""
+    return () if mode == "dual" else get_task(mode).terms
 
 
 def vl_terms(head, outputs, labels, weights: LossWeights, group, mlm_slots: int | None = None) -> dict:
-    """Stage 3 from the head layer's outputs; as objectives.vl_losses after its encoders."""
+    """Stage 3 from the head layer's outputs; as tasks/vl.py's vl_losses after its encoders."""
     image, text, image_vl, text_vl, pair = outputs
     mlm_labels, itm_labels = labels
     B, T = mlm_labels.shape
     itc_main, _, _ = contrastive_loss(*head.itc(image, text), head.itc.logit_scale, group)
     itc_vl, _, _ = contrastive_loss(*head.itc_vl(image_vl, text_vl), head.itc_vl.logit_scale, group)
-    itc = (itc_main + itc_vl) / 2
     mlm = mlm_loss(head.mlm_head, pair[:B, :T], mlm_labels, mlm_slots)
     itm_logits = head.itm_head(head.pooler(pair[B:])).float()
-    itm = F.cross_entropy(itm_logits, itm_labels)
-    return {"loss": weights.itc * itc + weights.itm * itm + weights.mlm * mlm, "itc": itc, "itc_vl": itc_vl,
-            "itm": itm, "mlm": mlm, "itm_acc": (itm_logits.argmax(-1) == itm_labels).float().mean(),
-            "logit_scale": head.itc.logit_scale.detach().exp().reshape(())}
+    return vl_loss_terms(itc_main, itc_vl, mlm, itm_logits, itm_labels, weights, head.itc.logit_scale)
 
 
 def mim_terms(head, patches, labels) -> dict:
@@ -65,5 +64,5 @@ class PipelineLoss:
         else:
             loss = mlm_loss(self.head.mlm_head, outputs, labels, self.mlm_slots)
             terms = {"loss": loss, "mlm": loss}
-        self.terms = OrderedDict((k, terms[k].detach().float()) for k in TERMS[self.mode])
+        self.terms = OrderedDict((k, terms[k].detach().float()) for k in mode_terms(self.mode))
         return terms["loss"]

@@ -15,7 +15,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from vlmo_large.config import ModelConfig
 from vlmo_large.parallel import state
 from vlmo_large.parallel.pipeline_layers import STAGE_MODES, BlockLayer, EmbeddingLayer, HeadLayer
-from vlmo_large.training.pipeline_losses import TERMS, PipelineLoss
+from vlmo_large.training.pipeline_losses import PipelineLoss, mode_terms
 
 
 class MoMEPipeline(PipelineModule):
@@ -49,7 +49,7 @@ class MoMEPipeline(PipelineModule):
     def get_additional_losses(self):
         """The loss terms of the last micro-batch; zeros with the same keys on the other stages,
         which only read how many there are."""
-        names = TERMS[self.mode]
+        names = mode_terms(self.mode)
         if not names:
             return None
         terms = self.loss_fn.terms

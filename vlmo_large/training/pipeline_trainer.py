@@ -28,12 +28,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vlmo_large.checkpoint.pipeline_reader import OUTSIDE_KEY  # client_state: {plain name: tensor} no stage holds
 from vlmo_large.data.masking import max_masked_tokens
+from vlmo_large.formats.rel_pos_tables import merge_tables
 from vlmo_large.parallel import state
 from vlmo_large.training.pipeline_engine import PipelineStep, build_pipeline_engine
 from vlmo_large.training.pipeline_weights import gather_plain_state_dict, named_plain_parameters
 from vlmo_large.parallel.sharding import gather_full_state_dict
 from vlmo_large.training.engine import model_dtype, with_torch_fused_adamw
-from vlmo_large.training.objectives import LossWeights
 from vlmo_large.training.optimization import WarmupDecay
 from vlmo_large.training.trainer import Trainer, to_device
 
@@ -66,7 +66,7 @@ class PipelineTrainer(Trainer):
             resolved.model, cfg.stage, pipeline_ds_config(resolved.ds_config), cfg.parallel.tp, cfg.parallel.pp,
             weights=full, weight_decay=cfg.optim.weight_decay, decay_rule=cfg.optim.decay_rule,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)))
-        self.engine.module.loss_fn.weights = LossWeights(cfg.loss.itc, cfg.loss.itm, cfg.loss.mlm)
+        self.engine.module.loss_fn.weights = cfg.loss
         # the MLM head's fixed slot count, as PretrainingObjective sets it (no host sync per step)
         self.engine.module.loss_fn.mlm_slots = max_masked_tokens(resolved.model.max_text_len, cfg.data.mlm_prob)
         self.runner = PipelineStep(self.engine, seed=cfg.seed,
@@ -103,7 +103,7 @@ class PipelineTrainer(Trainer):
             full.update(self.outside)
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "model.safetensors")
-            save_file({k: v.contiguous() for k, v in full.items()}, path + ".tmp")
+            save_file({k: v.contiguous() for k, v in merge_tables(full).items()}, path + ".tmp")  # the plain layout
             os.replace(path + ".tmp", path)
             with open(os.path.join(out_dir, "model_config.json"), "w") as f:
                 json.dump(dataclasses.asdict(self.resolved.model), f, indent=2)

@@ -217,6 +217,10 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
     _check(not (model_cfg.compile and zero == 3), "model.compile=true with zero_optimization.stage=3: ZeRO-3's "
            "parameter hooks are torch.compiler.disable'd functions, which a whole-graph compiled block cannot call "
            "(launchers/CLUSTER.md); use ZeRO-1 or 2 (as ds_configs/*_zero2_bf16.json) or model.compile=false")
+    if pp > 1:  # the pipeline's layers are written per pretraining stage (parallel/pipeline_layers.py)
+        from vlmo_large.parallel.pipeline_layers import STAGE_MODES
+        _check(cfg.stage in STAGE_MODES, f"stage '{cfg.stage}' with parallel.pp={pp}: the pipeline runs the "
+               f"pretraining stages only ({', '.join(STAGE_MODES)}); set parallel.pp=1")
     _check(pp == 1 or not cfg.eval_every, f"eval_every={cfg.eval_every} with parallel.pp={pp}: evaluation during "
            "training is not supported with pipeline parallelism; set eval_every=0 (evaluate the exported weights)")
     for key in RUN_OWNED:
