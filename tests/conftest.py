@@ -1,5 +1,7 @@
 import os
+import shutil
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -40,6 +42,33 @@ def text_batch(cfg, batch: int = 3, seed: int = 0, lengths=None):
 def image_batch(cfg, batch: int = 3, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)
+
+
+def seed_store(template: Path, path: Path) -> Path:
+    """A copy of the migrated empty store at `path` (e.g. <output_dir>/mlflow.db), unless one is there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        shutil.copyfile(template, path)
+    return path
+
+
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow store, migrated once per session (what store_template gives, for helpers that
+    are no fixtures): launches and trackers start from a copy (seed_store), since a fresh sqlite
+    store's migrations take 4-20 s (mostly fsyncs) in every run that makes one."""
+    path = tmp_path_factory.getbasetemp() / "mlflow_template" / "mlflow.db"
+    if not path.exists():
+        from mlflow.tracking import MlflowClient
+        path.parent.mkdir(exist_ok=True)
+        building = path.with_name("building.db")
+        MlflowClient(f"sqlite:///{building}").search_experiments()  # creates and migrates the store
+        os.replace(building, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    return migrated_store(tmp_path_factory)
 
 
 def pytest_configure(config):

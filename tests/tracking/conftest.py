@@ -7,7 +7,6 @@ Start-up is made cheap and the waits generous, for a loaded machine: one server 
 store (`store_template`: a fresh sqlite store's migrations take 4-8 s), and up to 300 s for the
 health endpoint to answer."""
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import seed_store  # also imported from here; the store_template fixture is in tests/conftest.py
 
 START_TIMEOUT_S = 300  # 90 s was once not enough on a busy machine
 
@@ -78,22 +79,6 @@ class MlflowServer:
             pass
         self.log.close()
         self.proc = None
-
-
-def seed_store(template: Path, path: Path) -> Path:
-    """A copy of the migrated empty store at `path` (e.g. <output_dir>/mlflow.db), unless one is there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        shutil.copyfile(template, path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def store_template(tmp_path_factory) -> Path:
-    from mlflow.tracking import MlflowClient
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the store
-    return path
 
 
 @pytest.fixture(scope="session")

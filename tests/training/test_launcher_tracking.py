@@ -12,7 +12,7 @@ import time
 import mlflow
 import pytest
 
-from tests.tracking.conftest import free_port, seed_store, store_template  # noqa: F401 (a fixture)
+from tests.tracking.conftest import free_port, seed_store
 from tests.training.conftest import REPO
 from vlmo_large.tracking import flatten_params
 from vlmo_large.tracking.run_record import RECORD_NAME
@@ -102,7 +102,7 @@ def _two_nodes(out, *extra, timeout=600):
 
 
 @pytest.mark.timeout(1500)
-def test_two_nodes_one_run_with_system_metrics_and_resume_continues_it(tmp_path, store_template):  # noqa: F811
+def test_two_nodes_one_run_with_system_metrics_and_resume_continues_it(tmp_path, store_template):
     out = tmp_path / "run"
     seed_store(store_template, out / "mlflow.db")  # the run starts at once instead of after migrations
     _two_nodes(out, "schedule.steps=8")
@@ -130,7 +130,7 @@ def test_two_nodes_one_run_with_system_metrics_and_resume_continues_it(tmp_path,
 
 
 @pytest.mark.timeout(900)
-def test_a_run_killed_with_sigkill_is_continued_and_finished_on_resume(tmp_path, store_template):  # noqa: F811
+def test_a_run_killed_with_sigkill_is_continued_and_finished_on_resume(tmp_path, store_template):
     out = tmp_path / "run"
     seed_store(store_template, out / "mlflow.db")
     args = [sys.executable, LAUNCHER, "--ds_config", DS, f"output_dir={out}", *RANDOM_RUN, "schedule.steps=30"]
