@@ -49,3 +49,52 @@ def test_cited_docs_exist_and_cited_sections_are_headings():
                 problems.append(f"{path}: benchmarks/RESULTS.md has no section '{match.group(1)}'")
     assert not problems, "\n".join(problems)
     assert cited_sections >= 10  # the patterns do find the code's references
+
+
+ARCHITECTURE = "docs/ARCHITECTURE.md"
+# a repository path (globs allowed), optionally followed by ":Name" or ":Class.method" defined in it
+NAMED_PATH = re.compile(r"\b((?:vlmo_large|launchers|tools|tests|benchmarks|docs|ds_configs|configs|scripts)"
+                        r"/[\w/.*-]*\w)(?::([A-Za-z_][\w.]*))?")
+
+
+def defined_names(path: str) -> set[str]:
+    """Top-level functions and classes of a Python file, and Class.method for their methods."""
+    import ast
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                names |= {f"{node.name}.{item.name}" for item in node.body
+                          if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return names
+
+
+def architecture_references(text: str) -> list[tuple[str, str | None]]:
+    return [(m.group(1), m.group(2)) for m in NAMED_PATH.finditer(text)]
+
+
+def test_paths_and_names_in_architecture_exist():
+    """Every path docs/ARCHITECTURE.md names exists, and every `file.py:name` is defined in that file
+    (a newcomer follows these to trace a step; a rename must update the document)."""
+    import glob
+    with open(os.path.join(REPO, ARCHITECTURE), encoding="utf-8") as f:
+        references = architecture_references(f.read())
+    assert len(references) >= 30 and sum(name is not None for _, name in references) >= 15
+    problems = []
+    for path, name in references:
+        if not glob.glob(os.path.join(REPO, path)):
+            problems.append(f"{path} does not exist")
+        elif name is not None and name not in defined_names(path):
+            problems.append(f"{path} defines no {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_architecture_check_catches_a_wrong_path_and_name():
+    refs = architecture_references("see `vlmo_large/model/block.py:MoMEBlock.forward` and vlmo_large/nope.py")
+    assert refs == [("vlmo_large/model/block.py", "MoMEBlock.forward"), ("vlmo_large/nope.py", None)]
+    assert "MoMEBlock.forward" in defined_names("vlmo_large/model/block.py")
+    assert "MoMEBlock.nope" not in defined_names("vlmo_large/model/block.py")
+    assert not os.path.exists(os.path.join(REPO, "vlmo_large/nope.py"))
