@@ -15,7 +15,8 @@ from vlmo_large.training.validation import resolve_run
 
 @pytest.fixture
 def scratch_registry(monkeypatch):
-    """Registrations made by a test are dropped after it."""
+    """Registrations made by a test are dropped after it (a plugin module stays registered: it is
+    imported once per process, as in a run)."""
     monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
 
 
@@ -81,14 +82,14 @@ def test_a_plugin_that_fails_to_import_is_one_config_line():
     assert message.startswith("plugins: cannot import 'no_such_pkg.my_task': ModuleNotFoundError") and "\n" not in message
 
 
-def test_a_plugin_registers_its_task_before_the_stage_is_checked(scratch_registry):
+def test_a_plugin_registers_its_task_before_the_stage_is_checked():
     cfg = load_run_config(None, ["data.source=random", "batch.micro=2", "stage=toy_itc",
                                  "plugins=[tests.training.test_task_plugin]"])
     resolved = resolve_run(cfg, {"zero_optimization": {"stage": 0}}, 1)
     assert resolved.micro == 2 and get_task("toy_itc").terms == ("itc",)
 
 
-def test_a_plugin_task_with_a_pipeline_is_one_config_line(scratch_registry):
+def test_a_plugin_task_with_a_pipeline_is_one_config_line():
     cfg = load_run_config(None, ["data.source=random", "batch.micro=2", "stage=toy_itc", "parallel.pp=2",
                                  "plugins=[tests.training.test_task_plugin]"])
     with pytest.raises(ConfigError, match=r"^stage 'toy_itc' with parallel.pp=2: the pipeline runs the pretraining "
