@@ -5,6 +5,8 @@ IR@k (image retrieval, text query): the caption's gold image is among its k best
 Ties count AGAINST the gold item (a candidate scoring exactly as high as the gold ranks ahead of
 it), and NaN similarities rank last, so collapsed or broken features score ~0, never 100%.
 Values are fractions in [0, 1]. Given the caption strings, identical captions are one gold text.
+R@k comes from chunked top-k lists (topk_retrieval.py: never the whole images x texts matrix); the
+rank functions below give the gold item's full rank, for the retrieval-examples figure.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-KS = (1, 5, 10)
+from vlmo_large.evaluation.topk_retrieval import KS, topk_retrieval_metrics
 
 
 def chance_r_at_1(num_images: int) -> float:
@@ -96,14 +98,8 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
         raise ValueError(f"{int((~captioned).sum())} image(s) have no caption; TR@k is undefined for them")
     if texts is not None and len(texts) != text_feats.shape[0]:
         raise ValueError(f"{len(texts)} caption strings for {text_feats.shape[0]} text features")
-    groups = None if texts is None else caption_groups(texts).to(image_feats.device)
-    tr = text_retrieval_ranks(image_feats, text_feats, text_to_image, groups=groups)
-    ir = image_retrieval_ranks(image_feats, text_feats, text_to_image, groups=groups)
-    metrics = {}
-    for name, ranks in (("tr", tr), ("ir", ir)):
-        for k in ks:
-            metrics[f"{name}_r{k}"] = (ranks < k).float().mean().item()
-    return metrics
+    groups = None if texts is None else caption_groups(texts)
+    return topk_retrieval_metrics(image_feats, text_feats, text_to_image, ks, groups)
 
 
 def top_texts(image_feats: torch.Tensor, text_feats: torch.Tensor, k: int):
