@@ -14,6 +14,7 @@ from tests.training.conftest import REPO, StartedTorchrun
 from tests.training.test_launcher_pipeline import launch, launcher_args, pipeline_run
 from tools.convert_checkpoint import main as convert_main
 from vlmo_large.checkpoint import PlainCheckpoint, to_plain
+from vlmo_large.formats.rel_pos_tables import split_tables
 from vlmo_large.model import build_model
 
 
@@ -21,7 +22,7 @@ def outputs_of(path: str) -> dict:
     torch.manual_seed(123)  # any init: every tensor is overwritten
     model = build_model("tiny").eval()
     plain = PlainCheckpoint(path) if os.path.isdir(path) else None
-    state = {n: plain.get(n) for n in plain.names()} if plain else load_file(path)
+    state = {n: plain.get(n) for n in plain.names()} if plain else split_tables(load_file(path))
     model.load_state_dict({k: v.float() for k, v in state.items()})
     with torch.no_grad():
         return probe_outputs(model)

@@ -51,7 +51,7 @@ def test_mean_pooling_variant_matches_before_final_norm(images):
     with torch.no_grad():
         expected = beit.forward_features(images)
         x = bb.embed_image(images)
-        ours = bb.run_blocks(x, ["imag"] * bb.cfg.depth, bb.rel_pos("image"))
+        ours = bb.run_blocks(x, ["imag"] * bb.cfg.depth, bb._bias("image", 0))
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 

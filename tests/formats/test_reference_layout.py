@@ -69,7 +69,7 @@ def test_relative_table_resampled_for_another_image_size(tmp_path):
     target = _model(image_size=96)  # grid 6 instead of 4
     report = load_reference_checkpoint(target, str(tmp_path / "r.pt"))
     assert any("grid 4 -> 6" in c for c in report.converted)
-    assert target.backbone.rel_pos.table.shape[0] == 11 ** 2 + 3 + 2 * 64 + 2
+    assert target.backbone.blocks[0].rel_pos.table.shape[0] == 11 ** 2 + 3 + 2 * 64 + 2
 
 
 def test_code_in_a_checkpoint_is_not_executed(tmp_path):

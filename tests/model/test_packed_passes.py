@@ -51,9 +51,9 @@ def test_pair_bias_diagonal_blocks_are_the_text_and_image_biases(text_len):
     pair = pair_relative_index(text_len, grid, span)
     assert torch.equal(pair[:text_len, :text_len], text_relative_index(text_len, grid, span))
     assert torch.equal(pair[text_len:, text_len:], image_relative_index(grid))
-    bias = RelativePositionBias(grid, span, depth=2, local_heads=3)
-    torch.nn.init.normal_(bias.table)
-    for pair_bias, text_bias, image_bias in zip(bias("pair", text_len), bias("text", text_len), bias("image")):
+    for bias in (RelativePositionBias(grid, span, local_heads=3) for _ in range(2)):  # two layers' tables
+        torch.nn.init.normal_(bias.table)
+        pair_bias, text_bias, image_bias = bias("pair", text_len), bias("text", text_len), bias("image")
         assert torch.equal(pair_bias[:, :text_len, :text_len], text_bias)
         assert torch.equal(pair_bias[:, text_len:, text_len:], image_bias)
         assert not torch.equal(pair_bias[:, :text_len, text_len:], torch.zeros_like(pair_bias[:, :text_len, text_len:]))
@@ -106,7 +106,7 @@ def test_packed_stage3_losses_and_gradients_equal_separate_passes(backend, monke
     for name, ref in ref_losses.items():
         _close(losses[name], ref, msg=name)
     assert grads.keys() == ref_grads.keys()
-    for name in ("backbone.rel_pos.table", "backbone.blocks.0.experts.text.fc1.weight",
+    for name in ("backbone.blocks.0.rel_pos.table", "backbone.blocks.0.experts.text.fc1.weight",
                  "backbone.blocks.0.experts.imag.fc1.weight", "backbone.blocks.3.experts.vl.fc1.weight",
                  "itc_vl.image_proj.weight"):
         assert name in grads and grads[name].abs().sum() > 0, name
@@ -149,7 +149,7 @@ def _assert_same(ref, got):
     (ref_outs, ref_grads), (outs, grads) = ref, got
     for r, o in zip(ref_outs, outs):
         _close(o, r)
-    assert grads.keys() == ref_grads.keys() and "backbone.rel_pos.table" in grads
+    assert grads.keys() == ref_grads.keys() and "backbone.blocks.0.rel_pos.table" in grads
     for name, r in ref_grads.items():
         _close(grads[name], r, msg=name)
 

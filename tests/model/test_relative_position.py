@@ -1,9 +1,9 @@
-"""The merged relative-position index follows the reference layout slot by slot."""
+"""The relative-position index follows the reference layout slot by slot; a table gathers it."""
 import pytest
 import torch
 
 from vlmo_large.model.relative_position import (RelativePositionBias, image_relative_index, pair_relative_index,
-                                                resample_table, table_rows, text_relative_index)
+                                                relative_index, resample_table, table_rows, text_relative_index)
 
 
 def test_base_table_rows_match_reference():
@@ -59,21 +59,19 @@ def test_resample_keeps_special_and_text_rows_and_maps_centre():
 
 @pytest.mark.parametrize("gather", ["_gather_columns", "_gather_rows"])  # the CPU's and the GPU's
 def test_module_bias_and_gradient_equal_plain_table_indexing(gather):
-    """Both gathers == table[index] (layer-major columns), values and table gradient."""
-    g, span, depth, heads, T = 3, 8, 3, 2, 5
-    module = RelativePositionBias(g, span, depth, heads)
+    """Both gathers == table[index] permuted to [head, L, L], values and table gradient."""
+    g, span, heads, T = 3, 8, 2, 5
+    module = RelativePositionBias(g, span, heads)
     with torch.no_grad():
         module.table.normal_()
     table = module.table.detach().clone().requires_grad_()
     for mode, index in (("image", image_relative_index(g)), ("text", text_relative_index(T, g, span)),
                         ("pair", pair_relative_index(T, g, span))):
         module.table.grad, table.grad = None, None
-        biases = getattr(module, gather)(module._index(mode, T, "cpu"))
-        n = index.shape[0]
-        expected = table[index].view(n, n, depth, heads).permute(2, 3, 0, 1)  # [layer, head, L, L]
-        assert len(biases) == depth and all(b.is_contiguous() for b in biases)
-        assert torch.equal(torch.stack(biases), expected.detach())
-        weights = torch.randn(depth, heads, n, n, dtype=torch.float64)
-        sum((b.double() * w).sum() for b, w in zip(biases, weights)).backward()
+        bias = getattr(module, gather)(relative_index(mode, T, g, span, "cpu"))
+        expected = table[index].permute(2, 0, 1)  # [head, L, L]
+        assert bias.is_contiguous() and torch.equal(bias, expected.detach())
+        weights = torch.randn(heads, *index.shape, dtype=torch.float64)
+        (bias.double() * weights).sum().backward()
         (expected.double() * weights).sum().backward()
         torch.testing.assert_close(module.table.grad, table.grad, rtol=1e-5, atol=1e-5)

@@ -61,7 +61,7 @@ def test_reference_rule_name_by_name(base_names):
     assert {"itc.logit_scale", "itc_vl.logit_scale", "backbone.patch_embed.cls_token",
             "backbone.text_embeddings.position_embeddings.weight", "backbone.text_embeddings.word_embeddings.weight",
             "backbone.modality_embed.weight", "mim_head.mask_token", "mlm_head.decoder.weight"} <= decay
-    assert {"backbone.rel_pos.table", "backbone.norm.weight", "backbone.text_embeddings.norm.weight",
+    assert {"backbone.blocks.0.rel_pos.table", "backbone.norm.weight", "backbone.text_embeddings.norm.weight",
             "mlm_head.norm.weight", "mlm_head.decoder.bias", "mim_head.predictor.bias", "pooler.dense.bias"} <= no_decay
 
 

@@ -56,7 +56,7 @@ def test_param_groups_keep_frozen_out_and_exempt_norms_biases_scales_from_decay(
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert decay | no_decay == trainable and not decay & no_decay
     assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
-    assert {"backbone.rel_pos.table", "backbone.norm.weight", "backbone.blocks.0.experts.text.fc1.bias",
+    assert {"backbone.blocks.0.rel_pos.table", "backbone.norm.weight", "backbone.blocks.0.experts.text.fc1.bias",
             "backbone.text_embeddings.position_embeddings.weight"} <= no_decay
     assert {"backbone.text_embeddings.word_embeddings.weight", "mlm_head.decoder.weight"} <= decay
     apply_stage_freezing(model, "vl")

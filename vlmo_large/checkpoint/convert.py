@@ -15,6 +15,7 @@ from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout,
 from vlmo_large.checkpoint.plain import CONFIG_NAME, config_to_dict, write_plain, write_plain_dict
 from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
+from vlmo_large.formats.rel_pos_tables import MERGED, disk_groups, merge_tables
 from vlmo_large.formats.reference import (REFERENCE_SCALARS, from_reference, reference_buffers, save_reference_pt,
                                           to_reference)
 from vlmo_large.parallel.sharding import unshard
@@ -86,17 +87,25 @@ def to_plain(ckpt_path: str, out_dir: str, preset: str | None = None, config_pat
     "reference-pt" the same as one torch file `model.pt` ({"state_dict": ...}) for its torch 1.8."""
     ckpt, cfg, layout, to_ds = open_deepspeed(ckpt_path, preset, config_path, tag)
     reference = naming in ("reference", "reference-pt")
-    names = to_reference({n: n for n in layout}) if reference else {n: n for n in layout}
+    groups = disk_groups(layout)  # plain name -> the model tensors it holds (the merged relative table)
+    names = to_reference({n: n for n in groups}) if reference else {n: n for n in groups}
     buffers = reference_buffers(cfg) if reference else {}
     out_dtype = dtype or torch.float32
-    shapes = {out: torch.Size(()) if reference and out in REFERENCE_SCALARS else layout[ours].shape
-              for out, ours in names.items()}
+
+    def shape(out: str) -> torch.Size:
+        if reference and out in REFERENCE_SCALARS:
+            return torch.Size(())
+        parts = [layout[ours].shape for ours in groups[names[out]]]
+        return torch.Size(parts[0]) if len(parts) == 1 else torch.Size((parts[0][0], sum(p[1] for p in parts)))
+
+    shapes = {out: shape(out) for out in names}
     entries = [(out, shapes[out], out_dtype) for out in names] + [(n, t.shape, t.dtype) for n, t in buffers.items()]
 
     def fetch(out_name: str) -> torch.Tensor:
         if out_name in buffers:
             return buffers[out_name]
-        tensor = full_tensor(ckpt, layout, to_ds, names[out_name])
+        tensor = torch.cat([full_tensor(ckpt, layout, to_ds, ours) for ours in groups[names[out_name]]], 1) \
+            if names[out_name] == MERGED else full_tensor(ckpt, layout, to_ds, names[out_name])
         return tensor.reshape(shapes[out_name]).to(out_dtype).contiguous()
 
     if naming == "reference-pt":
@@ -159,7 +168,7 @@ def import_beit(path: str, out_dir: str, cfg: ModelConfig, seed: int = 0, naming
 
 
 def _write_model(model, out_dir: str, cfg: ModelConfig, naming: str, max_shard_bytes: int) -> None:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = merge_tables({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     if naming == "reference":
         state = {**to_reference(state), **reference_buffers(cfg)}
     write_plain_dict(out_dir, state, cfg, naming, max_shard_bytes)

@@ -10,8 +10,7 @@ Trainable tensors are read from the optimizer's fp32 master partitions (deepspee
 does that part, one per MM); frozen ones and ZeRO-0 runs from the layer files (ZeRO-0's Adam
 moments from the `optimizer` of each mp_rank file, by the names the trainer stored). Layer LL is
 pipeline layer LL of training/pipeline_module.py (0 embeddings, 1 + i block i, depth + 1 head),
-whose `plain_name` gives the VLMo name; block layers hold slices of the relative-position table,
-concatenated back in layer order. Tensors no pipeline layer of the stage holds come from the
+whose `plain_name` gives the VLMo name (a block's relative table included). Tensors no pipeline layer of the stage holds come from the
 trainer's client_state (training/pipeline_trainer.OUTSIDE_KEY). Files are mmap-loaded, one tensor
 is materialised at a time.
 """
@@ -30,7 +29,6 @@ from vlmo_large.formats.io import CheckpointError
 from vlmo_large.parallel.sharding import placement, unshard
 
 OUTSIDE_KEY = "plain_outside_pipeline"  # client_state of training/pipeline_trainer.py: tensors no stage holds
-TABLE = "backbone.rel_pos.table"
 _PIPE_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
 
@@ -86,11 +84,11 @@ class PipelineCheckpoint:
         # ZeRO-0: Adam's moments (and bf16's fp32 masters) per stage, by the names the trainer stored
         self.zero0 = {name: mp // self.tp for mp, rank in enumerate(self.ranks)
                       if rank.zero0 is not None for name in rank.zero0.where}
-        self.index: dict[str, list[tuple[int, str, tuple | None]]] = {}
+        self.index: dict[str, tuple[int, str, tuple | None]] = {}
 
     # -- names -----------------------------------------------------------------------------------
     def bind(self, cfg: ModelConfig) -> None:
-        """Map every stored layer tensor to its plain name: {plain: [(layer, local name, TP placement)]}."""
+        """Map every stored layer tensor to its plain name: {plain: (layer, local name, TP placement)}."""
         run = self.client_state.get("run_config") or {}
         layers = _pipeline_layers(cfg, run.get("stage", "vl"))
         stored = sorted({layer for layer, _ in self.layer_files})
@@ -105,7 +103,7 @@ class PipelineCheckpoint:
                     raise CheckpointError(f"{self.layer_files[idx, 0]}: tensor '{local}' is not part of pipeline "
                                           f"layer {idx} of preset '{cfg.name}'")
                 plain = layer.plain_name(local)
-                self.index.setdefault(plain, []).append((idx, local, placement(params[local])))
+                self.index[plain] = (idx, local, placement(params[local]))
 
     def names(self) -> list[str]:
         outside = [n for n in self.client_state.get(OUTSIDE_KEY) or {} if n not in self.index]
@@ -136,18 +134,16 @@ class PipelineCheckpoint:
         return self._layer_state(layer, tp)[local].float()
 
     def full_tensor(self, plain: str, key: str = "fp32") -> torch.Tensor:
-        """One full fp32 tensor (TP-merged; the relative table also merged over layers)."""
+        """One full (TP-merged) fp32 tensor."""
         if plain not in self.index:
             outside = self.client_state.get(OUTSIDE_KEY) or {}
             if plain not in outside:
                 raise CheckpointError(f"{self.folder}: tensor '{plain}' is not in the checkpoint")
             tensor = outside[plain].float()
             return tensor if key == "fp32" else torch.zeros_like(tensor)  # never trained in this stage
-        pieces = []
-        for layer, local, place in self.index[plain]:
-            shards = [self._local(layer, local, tp, key) for tp in range(self.tp)]
-            pieces.append(shards[0] if place is None else unshard(shards, *place))
-        return torch.cat(pieces, dim=1) if plain == TABLE else pieces[0]
+        layer, local, place = self.index[plain]
+        shards = [self._local(layer, local, tp, key) for tp in range(self.tp)]
+        return shards[0] if place is None else unshard(shards, *place)
 
     def step(self) -> int | None:
         return self.ranks[0].step()

@@ -3,7 +3,8 @@
 A folder holds `model.safetensors`, or, when split by size, `model-0000i-of-0000n.safetensors`
 files and a `model.safetensors.index.json` (HF's layout: {"metadata": {"total_size"},
 "weight_map": {tensor: file}}). `config.json` holds the ModelConfig fields and the naming
-("vlmo_large" or "reference"). Reading is lazy, one tensor at a time.
+("vlmo_large" or "reference"). Reading is lazy, one tensor at a time, by the model's names: the
+merged relative table on disk reads as each block's own (formats/rel_pos_tables.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from vlmo_large.checkpoint.safetensors_stream import nbytes, plan_shards, write_streamed
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError
+from vlmo_large.formats.rel_pos_tables import MERGED, block_columns
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -122,6 +124,9 @@ class PlainCheckpoint:
             if self._where.get(name) != os.path.join(folder, file):
                 raise CheckpointError(f"tensor '{name}' is listed in {INDEX_NAME} under {file} but that file "
                                       "does not hold it")
+        # the model's per-block relative tables: columns of the merged one the file holds
+        self._columns = {} if MERGED not in self._where else \
+            block_columns(self._where, self._stored_shape(MERGED), self._where[MERGED])
 
     @staticmethod
     def _read_index(path: str) -> dict[str, str]:
@@ -151,27 +156,38 @@ class PlainCheckpoint:
                                   f"'{cut[0]}'" + (f" and {len(cut) - 1} more are" if len(cut) > 1 else " is") + " cut")
 
     def names(self) -> list[str]:
-        return list(self._where)
+        """The model's tensor names (each block's relative table, not the merged one stored)."""
+        return [n for name in self._where for n in (self._columns if name == MERGED else [name])]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self._columns
 
     def file_of(self, name: str) -> str:
-        return self._where[name]
+        return self._where[MERGED if name in self._columns else name]
 
-    def shape(self, name: str) -> tuple:
+    def _stored_shape(self, name: str) -> tuple:
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
+    def shape(self, name: str) -> tuple:
+        if name in self._columns:
+            cols = self._columns[name]
+            return self._stored_shape(MERGED)[0], cols.stop - cols.start
+        return self._stored_shape(name)
+
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
+        if name not in self:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
+        stored = MERGED if name in self._columns else name
         try:
-            return self._handles[self._where[name]].get_tensor(name)
+            handle = self._handles[self._where[stored]]
+            if name in self._columns:
+                return handle.get_slice(MERGED)[:, self._columns[name]]
+            return handle.get_tensor(name)
         except Exception as exc:
-            raise CheckpointError(f"{self._where[name]}: cannot read tensor '{name}': {exc}") from exc
+            raise CheckpointError(f"{self._where[stored]}: cannot read tensor '{stored}': {exc}") from exc
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: self.get(name) for name in self._where}
+        return {name: self.get(name) for name in self.names()}
 
     def config_dict(self) -> dict | None:
         path = os.path.join(self.folder, CONFIG_NAME)

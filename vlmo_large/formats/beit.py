@@ -2,7 +2,7 @@
 
 BEiT's block is the MoME block with a single expert, so its FFN and norm2 go to the vision expert
 (`mlp` -> `experts.imag`), the rest keeps its place, and the per-layer (or shared) relative tables
-fill the image rows of the merged table, one column block per layer. Text embeddings, the
+fill the image rows of each block's own table. Text embeddings, the
 language and VL experts and the text rows of the table stay as initialised and are reported.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 import torch
 
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
+from vlmo_large.formats.rel_pos_tables import block_table
 from vlmo_large.model.relative_position import resample_table
 
 _RENAMES = [
@@ -54,18 +55,17 @@ def from_beit(state: dict[str, torch.Tensor], model) -> tuple[dict, list[str], l
         else:
             unused.append(name)
     if tables:
-        if model.backbone.rel_pos is None:
+        if not cfg.use_rel_pos_bias:
             raise ValueError(f"BEiT weights hold relative position tables but preset '{cfg.name}' "
                              "uses absolute positions (use_rel_pos_bias=False)")
-        out["backbone.rel_pos.table"] = _merge_tables(tables, model, converted)
+        out.update(_block_tables(tables, model, converted))
     return out, unused, converted
 
 
-def _merge_tables(tables: dict[int, torch.Tensor], model, converted: list[str]) -> torch.Tensor:
-    """Per-layer BEiT tables [(2g-1)^2 + 3, H] into the image rows of the merged table."""
+def _block_tables(tables: dict[int, torch.Tensor], model, converted: list[str]) -> dict[str, torch.Tensor]:
+    """Per-layer BEiT tables [(2g-1)^2 + 3, H] into the image rows of each block's table."""
     cfg = model.cfg
-    merged = model.backbone.rel_pos.table.detach().clone()
-    heads = cfg.num_heads
+    heads, out = cfg.num_heads, {}
     for layer, table in sorted(tables.items()):
         name = f"blocks.{layer}.attn.relative_position_bias_table"
         if layer >= cfg.depth or table.ndim != 2 or table.shape[1] != heads:
@@ -75,8 +75,10 @@ def _merge_tables(tables: dict[int, torch.Tensor], model, converted: list[str]) 
         if old_grid != cfg.grid_size:
             table = resample_table(table, old_grid, cfg.grid_size)
             converted.append(f"blocks.{layer}.attn.relative_position_bias_table (grid {old_grid} -> {cfg.grid_size})")
-        merged[: table.shape[0], layer * heads:(layer + 1) * heads] = table
-    return merged
+        own = model.backbone.blocks[layer].rel_pos.table.detach().clone()
+        own[: table.shape[0]] = table
+        out[block_table(layer)] = own
+    return out
 
 
 def load_beit_checkpoint(model, path_or_state) -> LoadReport:

@@ -1,7 +1,8 @@
 """The reference VLMo checkpoint layout (docs/MODEL.md section 7) <-> this project's names.
 
-Both layouts hold the same tensors with the same shapes (the merged relative table included), so
-conversion is renaming, plus resampling the relative table or absolute positions when the
+Both layouts hold the same tensors with the same shapes (the merged relative table included: the
+model's per-block tables are merged and split by formats/rel_pos_tables.py), so conversion is
+renaming, plus resampling the relative table or absolute positions when the
 checkpoint was trained at another image size. One exception: the reference's logit scales are
 0-dim, ours hold one element (DeepSpeed's broadcast and clipping need a dimension).
 """
@@ -14,6 +15,7 @@ import torch
 
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import LoadReport, load_into, load_torch_file
+from vlmo_large.formats.rel_pos_tables import merge_tables, split_tables
 from vlmo_large.model.relative_position import resample_table
 
 _EXPERT = {"text": "text", "imag": "imag", "vl": "vl"}
@@ -29,6 +31,7 @@ _PAIRS = [
     ("backbone.patch_embed.pos_embed", "transformer.pos_embed"),
     ("backbone.modality_embed.weight", "token_type_embeddings.weight"),
     ("backbone.rel_pos.table", "relative_position_bias_table"),
+    ("backbone.blocks.{i}.rel_pos.table", "relative_position_bias_table"),  # its columns (names only)
     ("backbone.norm.{p}", "transformer.norm.{p}"),
     ("backbone.blocks.{i}.norm1.{p}", "transformer.blocks.{i}.norm1.{p}"),
     ("backbone.blocks.{i}.gamma_1", "transformer.blocks.{i}.gamma_1"),
@@ -91,7 +94,11 @@ def our_name(reference_name: str) -> str | None:
 
 
 def to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This project's plain state dict -> reference names. Project-only tensors (MIM head) are dropped."""
+    """This project's state dict (plain, or the model's: its block tables are merged first) ->
+    reference names. Project-only tensors (MIM head) are dropped. Given names only (no tensors),
+    each block table maps to the merged table's reference name."""
+    if all(torch.is_tensor(v) for v in state.values()):
+        state = merge_tables(state)
     out = {}
     for name, tensor in state.items():
         ref = _rename(name, _TO_REF)
@@ -110,7 +117,8 @@ def reference_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def from_reference(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, list[str], list[str]]:
-    """Reference names -> this project's. Returns (state, unused reference keys, converted keys)."""
+    """Reference names -> this project's (each block's relative table). Returns (state, unused
+    reference keys, converted keys)."""
     out, unused, converted = {}, [], []
     for name, tensor in state.items():
         ours = _rename(name, _FROM_REF)
@@ -125,7 +133,7 @@ def from_reference(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[di
         if old_grid != cfg.grid_size:
             out["backbone.rel_pos.table"] = resample_table(table, old_grid, cfg.grid_size)
             converted.append(f"backbone.rel_pos.table (grid {old_grid} -> {cfg.grid_size})")
-    return out, unused, converted
+    return split_tables(out), unused, converted
 
 
 def _grid_of_table(rows: int, cfg: ModelConfig) -> int:

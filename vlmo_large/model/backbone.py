@@ -1,4 +1,4 @@
-"""The MoME backbone: embeddings, the shared relative bias, the blocks, one final norm.
+"""The MoME backbone: embeddings, the blocks (each with its relative-bias table), one final norm.
 
 Encoder modes (spec section 1): `encode_image` (vision expert everywhere), `encode_text` (language
 expert everywhere), `encode_pair` (fused, text first: text/vision experts below `vl_start`, the
@@ -24,8 +24,7 @@ from vlmo_large.config import ModelConfig
 from vlmo_large.model.block import MoMEBlock, apply_checkpointing
 from vlmo_large.model.flex_attention import padding_block_masks
 from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
-from vlmo_large.model.relative_position import RelativePositionBias
-from vlmo_large.model.tensor_parallel import group_size, init_normal, mark_tensor_parallel
+from vlmo_large.model.tensor_parallel import group_size, init_normal
 
 TEXT_ROW, IMAGE_ROW = 0, 1
 
@@ -40,11 +39,6 @@ class MoMEBackbone(nn.Module):
         self.text_embeddings = TextEmbeddings(cfg, tp_group)
         self.patch_embed = ImageEmbeddings(cfg)
         self.modality_embed = nn.Embedding(cfg.num_modality_types, cfg.embed_dim)
-        self.rel_pos = None
-        if cfg.use_rel_pos_bias:
-            self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.max_text_len_of_initckpt, cfg.depth,
-                                                cfg.num_heads // tp)
-            mark_tensor_parallel(self.rel_pos.table, dim=1, stride=cfg.depth)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(MoMEBlock(cfg, i, rates[i], tp_group) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
@@ -75,7 +69,7 @@ class MoMEBackbone(nn.Module):
 
     # -- blocks ---------------------------------------------------------------------------------
     def _bias(self, mode: str, text_len: int):
-        return None if self.rel_pos is None else self.rel_pos(mode, text_len)
+        return None if not self.cfg.use_rel_pos_bias else PassBias(self.blocks, mode, text_len)
 
     def run_blocks(self, x: torch.Tensor, routes: list[str], bias, key_mask=None, text_len: int = 0,
                    start: int = 0, end: Optional[int] = None, keep: Optional[int] = None,
@@ -159,6 +153,19 @@ class MoMEBackbone(nn.Module):
         cfg, text_len = self.cfg, ids.shape[1]
         routes = ["pair"] * cfg.vl_start + ["vl"] * cfg.num_vl_layers
         return self.norm(self.run_blocks(x, routes, self._bias("pair", text_len), key_mask, text_len, keep=keep))
+
+
+class PassBias:
+    """The relative bias of one pass, per layer: block i's own table gathered at the pass's index
+    when layer i first asks, then kept, so the VL branch and the main path share one gather."""
+
+    def __init__(self, blocks, mode: str, text_len: int):
+        self.blocks, self.mode, self.text_len, self.layers = blocks, mode, text_len, {}
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self.layers:
+            self.layers[layer] = self.blocks[layer].rel_pos(self.mode, self.text_len)
+        return self.layers[layer]
 
 
 def _padding_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:

@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vlmo_large.config import ModelConfig
 from vlmo_large.model.attention import SelfAttention
-from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear
+from vlmo_large.model.relative_position import RelativePositionBias
+from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear, mark_tensor_parallel
 
 EXPERTS = ("text", "imag", "vl")
 
@@ -57,6 +58,10 @@ class MoMEBlock(nn.Module):
             self.gamma_2 = nn.Parameter(torch.full((dim,), cfg.layer_scale_init))
         else:
             self.gamma_1 = self.gamma_2 = None
+        self.rel_pos = None  # this layer's relative position table (the backbone reads it per pass)
+        if cfg.use_rel_pos_bias:
+            self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.max_text_len_of_initckpt, self.attn.local_heads)
+            mark_tensor_parallel(self.rel_pos.table, dim=1)
         names = EXPERTS if layer >= cfg.vl_start else EXPERTS[:2]
         self.experts = nn.ModuleDict({name: Expert(dim, cfg.ffn_dim, cfg.norm_eps, tp_group) for name in names})
 

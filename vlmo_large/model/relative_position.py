@@ -1,13 +1,15 @@
-"""The merged relative position bias of VLMo (docs/MODEL.md section 2).
+"""The relative position bias of VLMo (docs/MODEL.md section 2).
 
-One table [(2g-1)^2 + 3 + 2*T0 + 2, heads * layers] (g = image grid, T0 = max_text_len_of_initckpt)
-shared by every layer; column `layer * heads + head`. Rows:
+Each MoME block owns its layer's table [(2g-1)^2 + 3 + 2*T0 + 2, heads] (g = image grid,
+T0 = max_text_len_of_initckpt); every layer reads it at the same index. On disk the layers' tables
+sit side by side as the reference's merged table [rows, layers * heads] (formats/rel_pos_tables.py
+converts). Rows:
   [0, (2g-1)^2)            image patch pairs, BEiT's 2-D index
   +0 / +1 / +2             image CLS->*, *->image CLS, CLS<->CLS
   +3 / +4                  text->image, image->text
   then 1-D text distances  (sized for T0 text positions)
   last three               text CLS row, text CLS column, text CLS corner
-Under tensor parallelism each rank holds the columns of its own heads in every layer.
+Under tensor parallelism each rank holds the columns of its own heads.
 """
 from __future__ import annotations
 
@@ -69,48 +71,48 @@ def resample_table(table: torch.Tensor, old_grid: int, new_grid: int) -> torch.T
     return torch.cat([image.to(table.dtype), table[old_image:]], 0)
 
 
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}  # shared by every block: one index per pass shape and device
+
+
+def relative_index(mode: str, text_len: int, grid: int, text_span: int, device) -> torch.Tensor:
+    """The [L, L] row index of mode image / text / pair, cached per shape and device."""
+    key = (mode, text_len, grid, text_span, str(device))
+    if key not in _INDEX_CACHE:
+        if mode == "image":
+            index = image_relative_index(grid)
+        elif mode == "text":
+            index = text_relative_index(text_len, grid, text_span)
+        else:
+            index = pair_relative_index(text_len, grid, text_span)
+        _INDEX_CACHE[key] = index.to(device)
+    return _INDEX_CACHE[key]
+
+
 class RelativePositionBias(nn.Module):
-    def __init__(self, grid: int, text_span: int, depth: int, local_heads: int):
+    """One layer's table [rows, local_heads] and its bias for a pass."""
+
+    def __init__(self, grid: int, text_span: int, local_heads: int):
         super().__init__()
-        self.grid, self.text_span, self.depth, self.local_heads = grid, text_span, depth, local_heads
-        self.table = nn.Parameter(torch.zeros(table_rows(grid, text_span), depth * local_heads))
-        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self.grid, self.text_span, self.local_heads = grid, text_span, local_heads
+        self.table = nn.Parameter(torch.zeros(table_rows(grid, text_span), local_heads))
 
-    def _index(self, mode: str, text_len: int, device) -> torch.Tensor:
-        key = (mode, text_len, str(device))
-        if key not in self._index_cache:
-            if mode == "image":
-                index = image_relative_index(self.grid)
-            elif mode == "text":
-                index = text_relative_index(text_len, self.grid, self.text_span)
-            else:
-                index = pair_relative_index(text_len, self.grid, self.text_span)
-            self._index_cache[key] = index.to(device)
-        return self._index_cache[key]
-
-    def forward(self, mode: str, text_len: int = 0) -> tuple[torch.Tensor, ...]:
-        """One contiguous bias [local_heads, L, L] per layer, for mode image / text / pair."""
-        index = self._index(mode, text_len, self.table.device)
+    def forward(self, mode: str, text_len: int = 0) -> torch.Tensor:
+        """The contiguous bias [local_heads, L, L] of mode image / text / pair."""
+        index = relative_index(mode, text_len, self.grid, self.text_span, self.table.device)
         if self.table.device.type == "cpu":
             return self._gather_columns(index)
         return self._gather_rows(index)
 
-    def _gather_columns(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each layer's bias gathered from its own columns of the transposed table: laid out
-        [heads, L, L] as gathered, each layer's gradient scattered straight back into the table.
-        On a CPU this skips the row gather's transposing copies and gradient stack (fused base
-        pass: 15 ms against 42 ms forward+backward). Not on a GPU: there the scatter's atomics pile
-        onto a few table rows, and it has no deterministic kernel."""
-        n, heads = index.shape[0], self.local_heads
-        index = index.view(1, -1).expand(heads, -1)
-        columns = self.table.t()
-        return tuple(torch.gather(columns[layer * heads:(layer + 1) * heads], 1, index).view(heads, n, n)
-                     for layer in range(self.depth))
-
-    def _gather_rows(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One embedding lookup of all layers' rows (sort-based, deterministic-capable backward on a
-        GPU), permuted to [layer, heads, L, L]; unbind, not indexing, so that backward stacks the
-        layers' gradients instead of zero-filling a full-size one per layer."""
+    def _gather_columns(self, index: torch.Tensor) -> torch.Tensor:
+        """Gathered from the transposed table: laid out [heads, L, L] as gathered, the gradient
+        scattered straight back into the table. On a CPU this skips the row gather's transposing
+        copy. Not on a GPU: there the scatter's atomics pile onto a few table rows, and it has no
+        deterministic kernel."""
         n = index.shape[0]
-        bias = F.embedding(index.view(-1), self.table).view(n, n, self.depth, self.local_heads)
-        return bias.permute(2, 3, 0, 1).contiguous().unbind(0)
+        return torch.gather(self.table.t(), 1, index.view(1, -1).expand(self.local_heads, -1)).view(-1, n, n)
+
+    def _gather_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """One embedding lookup of the rows (sort-based, deterministic-capable backward on a GPU),
+        permuted to [heads, L, L]."""
+        n = index.shape[0]
+        return F.embedding(index.view(-1), self.table).view(n, n, self.local_heads).permute(2, 0, 1).contiguous()

@@ -13,8 +13,8 @@ which streams the tuple holds:
 training/objectives.py: the B MLM pairs (masked text), then the 3B ITM pairs (positive, negative
 image, negative text), so one block call serves all. Layer 0 embeds, layer 1 + i applies MoME
 block i to each stream with that stream's route, the last layer applies the final norm and holds
-the heads, which the loss (pipeline_losses.py) applies. Each block layer owns its own columns of the merged
-relative-position table, so a stage holds only its layers' bias (pipeline_weights.py maps names).
+the heads, which the loss (pipeline_losses.py) applies. Each block owns its relative-position table,
+so a stage holds only its layers' bias.
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from vlmo_large.model.backbone import IMAGE_ROW, TEXT_ROW
 from vlmo_large.model.block import MoMEBlock
 from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
 from vlmo_large.model.heads import ContrastiveHeads, MLMHead, Pooler
-from vlmo_large.model.relative_position import RelativePositionBias
-from vlmo_large.model.tensor_parallel import group_size, init_normal, mark_tensor_parallel
+from vlmo_large.model.tensor_parallel import init_normal
 from vlmo_large.model.vlmo import _init_plain
 
 # Pretraining stage (run_config.STAGES) -> the modes its pipeline runs; the first is its training mode.
@@ -121,16 +120,11 @@ class BlockLayer(PipelineLayer):
         super().__init__(cfg, stage)
         self.index = index
         rate = cfg.drop_path_rate * index / max(cfg.depth - 1, 1)  # the backbone's linspace
-        self.block = MoMEBlock(cfg, index, rate, tp_group)
-        self.rel_pos = None
-        if cfg.use_rel_pos_bias:
-            self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.max_text_len_of_initckpt, 1,
-                                                cfg.num_heads // group_size(tp_group))
-            mark_tensor_parallel(self.rel_pos.table, dim=1)
-        self.plain_prefixes = {"block.": f"backbone.blocks.{index}.", "rel_pos.": "backbone.rel_pos."}
+        self.block = MoMEBlock(cfg, index, rate, tp_group)  # with its own relative table
+        self.plain_prefixes = {"block.": f"backbone.blocks.{index}."}
 
     def _bias(self, kind: str, text_len: int):
-        return None if self.rel_pos is None else self.rel_pos(kind, text_len)[0]
+        return None if self.block.rel_pos is None else self.block.rel_pos(kind, text_len)
 
     def _route(self, name: str) -> tuple[str, str]:
         """(expert route, relative-bias kind) of a stream at this layer."""

@@ -14,8 +14,9 @@ class MaskedImageModeling(Task):
     terms = ("mim",)
     # attention (+ its norm, layer scales, relative table), the vision expert, the patch embedding,
     # the final norm and the MIM head
-    trainable = (r"backbone\.patch_embed\..*", r"backbone\.rel_pos\.table", r"backbone\.blocks\.\d+\.norm1\..*",
-                 r"backbone\.blocks\.\d+\.attn\..*", r"backbone\.blocks\.\d+\.gamma_[12]",
+    trainable = (r"backbone\.patch_embed\..*", r"backbone\.blocks\.\d+\.rel_pos\.table",
+                 r"backbone\.blocks\.\d+\.norm1\..*", r"backbone\.blocks\.\d+\.attn\..*",
+                 r"backbone\.blocks\.\d+\.gamma_[12]",
                  r"backbone\.blocks\.\d+\.experts\.imag\..*", r"backbone\.norm\..*", r"mim_head\..*")
 
     def forward(self, model, batch: dict, ctx: StepContext = StepContext()) -> dict:

@@ -15,8 +15,8 @@ class TextMaskedLanguageModeling(Task):
     # text embeddings, modality embedding, language expert (+ its norm), MLM head, relative table,
     # final norm; attention stays as stage 1 left it
     trainable = (r"backbone\.text_embeddings\..*", r"backbone\.modality_embed\..*",
-                 r"backbone\.blocks\.\d+\.experts\.text\..*", r"mlm_head\..*", r"backbone\.rel_pos\.table",
-                 r"backbone\.norm\..*")
+                 r"backbone\.blocks\.\d+\.experts\.text\..*", r"mlm_head\..*",
+                 r"backbone\.blocks\.\d+\.rel_pos\.table", r"backbone\.norm\..*")
 
     def forward(self, model, batch: dict, ctx: StepContext = StepContext()) -> dict:
         return text_mlm_losses(model, batch, ctx.mlm_slots)

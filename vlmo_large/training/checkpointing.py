@@ -29,6 +29,7 @@ from vlmo_large.checkpoint.portable import STATE_FILE
 from vlmo_large.checkpoint.resume_checks import current_layout, describe, refuse_layout_change, tag_problem
 from vlmo_large.errors import UserError
 from vlmo_large.formats.io import CheckpointError
+from vlmo_large.formats.rel_pos_tables import merge_tables
 from vlmo_large.parallel import state
 from vlmo_large.parallel.sharding import gather_full_state_dict
 
@@ -274,7 +275,7 @@ def export_weights(engine, model, out_dir: str, zero3: bool) -> Optional[str]:
     if _rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "model.safetensors")
-        save_file({k: v.contiguous() for k, v in full.items()}, path + ".tmp")
+        save_file({k: v.contiguous() for k, v in merge_tables(full).items()}, path + ".tmp")  # the plain layout
         os.replace(path + ".tmp", path)
         _write_atomic(os.path.join(out_dir, "model_config.json"),
                       json.dumps(dataclasses.asdict(model.cfg), indent=2))

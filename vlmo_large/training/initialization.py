@@ -11,6 +11,7 @@ import os
 
 from vlmo_large.errors import UserError
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
+from vlmo_large.formats.rel_pos_tables import split_tables
 from vlmo_large.parallel import state
 from vlmo_large.parallel.sharding import local_state_dict
 from vlmo_large.training.checkpointing import find_resume_tag
@@ -25,9 +26,10 @@ def _deepspeed_tag(path: str) -> tuple[str, str] | None:
 
 
 def read_full_weights(path: str, preset: str | None = None) -> dict:
-    """Full (unsharded) fp32 VLMo tensors from any of the accepted sources."""
+    """Full (unsharded) fp32 VLMo tensors from any of the accepted sources, by the model's names
+    (a merged relative table is split into the blocks' own)."""
     if os.path.isfile(path):
-        return load_torch_file(path)
+        return split_tables(load_torch_file(path), path)
     from vlmo_large.checkpoint.plain import PlainCheckpoint
     try:
         plain = PlainCheckpoint(path)

@@ -2,10 +2,8 @@
 groups by VLMo name.
 
 A pipeline layer names its parameters locally ("block.attn.qkv.weight" in block layer 2) and maps
-each to its VLMo name ("backbone.blocks.2.attn.qkv.weight"). Block layer i owns columns
-[i*H, (i+1)*H) of the merged relative-position table (H = all heads; columns are layer-major), so
-the table is cut per layer on load and concatenated back on gather. TP slicing reuses the
-placement attributes of sharding.py.
+each to its VLMo name ("backbone.blocks.2.attn.qkv.weight"; the block's relative table included).
+TP slicing reuses the placement attributes of sharding.py.
 """
 from __future__ import annotations
 
@@ -20,17 +18,9 @@ from vlmo_large.parallel.sharding import gather_full_state_dict, local_state_dic
 from vlmo_large.training.freezing import is_trainable
 from vlmo_large.training import optimization
 
-TABLE = "backbone.rel_pos.table"
-
-
 def local_layers(pipe) -> list:
     """The pipeline layers built on this stage, in order."""
     return list(pipe.forward_funcs)
-
-
-def _plain_key(layer, local_name: str) -> str:
-    plain = layer.plain_name(local_name)
-    return f"{TABLE}@{layer.index}" if plain == TABLE else plain
 
 
 def freeze_for_stage(pipe, stage: str) -> None:
@@ -40,7 +30,7 @@ def freeze_for_stage(pipe, stage: str) -> None:
 
 
 def named_plain_parameters(pipe):
-    """(VLMo name, parameter) of this stage's layers; the relative table's slices share one name."""
+    """(VLMo name, parameter) of this stage's layers."""
     for layer in local_layers(pipe):
         for name, param in layer.named_parameters():
             yield layer.plain_name(name), param
@@ -56,14 +46,7 @@ def load_plain_state_dict(pipe, full: dict[str, torch.Tensor]) -> None:
     """Load this stage's layers from a plain VLMo state dict (full tensors)."""
     rank, world = state.tp_rank(), state.tp_size()
     for layer in local_layers(pipe):
-        plain = {}
-        for name in layer.state_dict():
-            key = _plain_key(layer, name)
-            if key.startswith(TABLE + "@"):
-                heads = layer.cfg.num_heads
-                plain[name] = full[TABLE][:, layer.index * heads:(layer.index + 1) * heads]
-            else:
-                plain[name] = full[key]
+        plain = {name: full[layer.plain_name(name)] for name in layer.state_dict()}
         layer.load_state_dict(local_state_dict(layer, plain, rank, world))
 
 
@@ -73,11 +56,7 @@ def gather_plain_state_dict(pipe) -> dict[str, torch.Tensor]:
     part = {}
     for layer in local_layers(pipe):
         for name, tensor in gather_full_state_dict(layer, state.tp_group()).items():
-            part[_plain_key(layer, name)] = tensor
+            part[layer.plain_name(name)] = tensor
     parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     dist.all_gather_object(parts, part, group=parallel_state.get_pipeline_model_parallel_group())
-    merged = {k: v for p in parts for k, v in p.items()}
-    slices = sorted((int(k.split("@")[1]), k) for k in merged if k.startswith(TABLE + "@"))
-    if slices:
-        merged[TABLE] = torch.cat([merged.pop(k) for _, k in slices], dim=1)
-    return merged
+    return {k: v for p in parts for k, v in p.items()}
