@@ -17,6 +17,7 @@ import mlflow
 import psutil
 import pytest
 
+from tests.conftest import seed_store
 from tests.training.conftest import REPO
 from vlmo_large.data.shard_list import expand_shards
 
@@ -113,13 +114,14 @@ def stopped_step(log: str, signal_name: str) -> int:
 
 
 # -- items 7, 8b (lock), 8c (metrics.jsonl) -----------------------------------------------------------
-def test_sigterm_checkpoints_at_the_next_step_and_resume_auto_continues_exactly(tmp_path):
+def test_sigterm_checkpoints_at_the_next_step_and_resume_auto_continues_exactly(tmp_path, store_template):
     out, reference_out = tmp_path / "run", tmp_path / "reference"
     steps = "schedule.steps=1000"  # never reached: every run here ends on a signal
+    seed_store(store_template, out / "mlflow.db")  # a migrated empty store: no migrations in the run
     first = Launch(launcher_args(out, steps))
     # the uninterrupted run to compare with, trained alongside (it stops past the resumed run's last step)
     reference = Launch(launcher_args(reference_out, steps, "tracking_uri=none"))
-    first.wait_for(r"^step 1/1000 ")
+    first.wait_for(r"^threads: ")  # printed once rank 0 holds the output folder's lock
 
     # a second run into the same folder while the first holds it: refused before training
     second = run(launcher_args(out, steps))
@@ -129,6 +131,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_auto_continues_exactly(
         f"error: output_dir {out} is in use by another run (pid {first.proc.pid} on ")] and len(errors) == 1
     assert "Traceback" not in second.stderr
 
+    first.wait_for(r"^step 1/1000 ")
     first.proc.send_signal(signal.SIGTERM)
     rc, log = first.finish()
     assert rc == 0, log[-3000:]
@@ -164,7 +167,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_auto_continues_exactly(
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     out, zero1 = tmp_path / "run", os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")
     launch = Launch(launcher_args(out, "schedule.steps=1000", "tracking_uri=none", ds=zero1), torchrun=2)
-    launch.wait_for(r"^step 1/1000 ")
+    launch.wait_for(r"^threads: ")  # printed once rank 0 holds the output folder's lock
 
     # a second 2-rank run into the busy folder: rank 0 finds the lock taken, both ranks exit 2, one line
     refused = Launch(launcher_args(out, "schedule.steps=1000", "tracking_uri=none", ds=zero1), torchrun=2)
@@ -175,6 +178,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert rc != 0 and len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, log[-3000:]
     errors = [line for line in log.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith(f"error: output_dir {out} is in use by another run (pid "), log
+    launch.wait_for(r"^step 1/1000 ")
     assert launch.proc.poll() is None  # the first run trains on
     ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launch.proc.pid).children(recursive=True)
              if "pretrain.py" in " ".join(p.cmdline())}
@@ -260,13 +264,14 @@ def shard_run_args(dataset) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_shot_runs(tmp_path_factory, dataset):
+def one_shot_runs(tmp_path_factory, dataset, store_template):
     """The runs of this module that end by themselves (divergence, a broken --init on one and on two
     ranks, the first run of the changed-shards resume), started together when the first is needed:
     on a 2-core machine their start-ups (imports, process groups) overlap instead of adding up."""
     root = tmp_path_factory.mktemp("one_shot")
     broken = broken_weights(root)
     shards = f"data.shards={dataset['image_text']['train']}"
+    seed_store(store_template, root / "diverge" / "run" / "mlflow.db")
     runs = {
         "diverge": Background(launcher_args(root / "diverge" / "run", "schedule.steps=30", "optim.lr=10000"),
                               root / "diverge"),
