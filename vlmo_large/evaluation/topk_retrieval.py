@@ -21,11 +21,20 @@ KS = (1, 5, 10)
 
 
 def _normalized(feats: torch.Tensor) -> torch.Tensor:
-    return F.normalize(feats.float(), dim=-1)
+    """Unit rows, float32; a row with any NaN or inf becomes all NaN (_block_scores reads column 0)."""
+    unit = F.normalize(feats.float(), dim=-1)
+    return unit.masked_fill(~unit.isfinite().all(1, keepdim=True), float("nan"))
 
 
 def _block_scores(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(left @ right.T, nan=float("-inf"))
+    """Cosines of unit rows; a NaN row (a broken feature) scores -inf against everything. Finite
+    unit vectors give finite products, so only the broken rows and columns need fixing."""
+    scores = left @ right.T
+    broken_left, broken_right = left[:, 0].isnan(), right[:, 0].isnan()  # _normalized's NaN rows
+    if bool(broken_left.any()) or bool(broken_right.any()):
+        scores[broken_left] = float("-inf")
+        scores[:, broken_right] = float("-inf")
+    return scores
 
 
 def _stable_order(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,12 +47,14 @@ def _stable_order(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Te
 
 def _block_topk(scores: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's k best columns (global index = column + offset), ties by the lower index. topk
-    picks among values tied at the k-th place arbitrarily: rows where it had a choice are redone
-    with a stable sort (rare with real features)."""
+    picks among values tied at the k-th place arbitrarily: a row whose (k+1)-th value equals its
+    k-th had a choice, and is redone with a stable sort (rare with real features)."""
     k = min(k, scores.shape[1])
-    values, indices = scores.topk(k, dim=1)
-    kth = values[:, -1:]
-    ambiguous = ((scores == kth).sum(1) > (values == kth).sum(1)).nonzero().flatten()
+    values, indices = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+    ambiguous = torch.empty(0, dtype=torch.long)
+    if values.shape[1] > k:
+        ambiguous = (values[:, k] == values[:, k - 1]).nonzero().flatten()
+        values, indices = values[:, :k], indices[:, :k]
     if ambiguous.numel():
         order = scores[ambiguous].argsort(dim=1, descending=True, stable=True)[:, :k]
         indices[ambiguous] = order
@@ -77,16 +88,6 @@ def topk_both_ways(image_feats: torch.Tensor, text_feats: torch.Tensor, k_texts:
     image_lists = tuple(torch.cat(parts) for parts in zip(*per_image))
     text_lists = tuple(torch.cat(parts) for parts in zip(*per_text))
     return image_lists, text_lists
-
-
-def full_matrix_topk(image_feats: torch.Tensor, text_feats: torch.Tensor, k_texts: int, k_images: int):
-    """topk_both_ways from the whole [N, M] matrix, stably sorted (the reference for tests and
-    benchmarks; memory N x M)."""
-    sims = _block_scores(_normalized(image_feats), _normalized(text_feats))
-    rows = sims.sort(dim=1, descending=True, stable=True)
-    cols = sims.T.sort(dim=1, descending=True, stable=True)
-    return ((rows.values[:, :k_texts], rows.indices[:, :k_texts]),
-            (cols.values[:, :k_images], cols.indices[:, :k_images]))
 
 
 class GoldPairs:
