@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from tests.checkpoint.conftest import assert_outputs_equal
 from tests.checkpoint.ds_train import probe_outputs
+from tests.conftest import migrated_store, seed_store
 from tests.training.conftest import REPO, StartedTorchrun
 from tests.training.test_launcher_pipeline import launch, launcher_args, pipeline_run
 from tools.convert_checkpoint import main as convert_main
@@ -34,6 +35,7 @@ def pp2_zero0_run(tmp_path_factory):
     runs' start-ups overlap), collected by the test that converts it."""
     data = pipeline_run(tmp_path_factory)["data"]
     out = tmp_path_factory.mktemp("pp2_zero0") / "z0"
+    seed_store(migrated_store(tmp_path_factory), out / "mlflow.db")
     started = StartedTorchrun(launcher_args(out, data, "parallel.pp=2", "schedule.steps=1",
                                             ds=os.path.join(REPO, "ds_configs", "cpu_fp32_zero0.json")),
                               out.parent / "console", nproc=2, timeout=300)
@@ -63,7 +65,8 @@ def test_tp2_pp2_bf16_to_plain_equals_the_export(tmp_path_factory, tmp_path, pp2
     data = pipeline_run(tmp_path_factory)["data"]
     ds = tmp_path / "bf16_zero1.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}))
-    launch(tmp_path / "run", data, 4, "parallel.pp=2", "parallel.tp=2", "schedule.steps=2", ds=str(ds))
+    launch(tmp_path / "run", data, 4, "parallel.pp=2", "parallel.tp=2", "schedule.steps=1", ds=str(ds),
+           store=migrated_store(tmp_path_factory))
     to_plain(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "plain"))
     ours = load_file(str(tmp_path / "plain" / "model.safetensors"))
     theirs = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))

@@ -8,6 +8,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
+from tests.conftest import migrated_store, seed_store
 from tests.training.conftest import REPO, StartedTorchrun, run_torchrun
 from vlmo_large.formats.rel_pos_tables import split_tables
 
@@ -24,8 +25,9 @@ def launcher_args(out, data: dict, *extra, ds: str = DS) -> list[str]:
             "checkpoint.every=2", "checkpoint.keep=2", "log_every=1", *extra]
 
 
-def launch(out, data: dict, nproc: int, *extra, ds: str = DS) -> list[dict]:
-    """launcher_args run to the end; -> metrics.jsonl and the console output."""
+def launch(out, data: dict, nproc: int, *extra, store, ds: str = DS) -> list[dict]:
+    """launcher_args run to the end, its MLflow store a copy of `store`; -> metrics.jsonl and the console output."""
+    seed_store(store, out / "mlflow.db")
     result = run_torchrun(launcher_args(out, data, *extra, ds=ds), nproc=nproc, timeout=300)
     return metrics(out), result.stdout + result.stderr
 
@@ -40,7 +42,7 @@ def pipeline_run(tmp_path_factory) -> dict:
         shutil.rmtree(root, ignore_errors=True)
         data = make_synthetic(str(root / "data"), num_pairs=64, num_images=8, num_texts=8, num_val=4,
                               num_retrieval=2, num_vqa_images=2, num_nlvr2=2, samples_per_shard=16)
-        history, log = launch(root / "pp2", data, 2, "parallel.pp=2")
+        history, log = launch(root / "pp2", data, 2, "parallel.pp=2", store=migrated_store(tmp_path_factory))
         done.write_text(json.dumps({"out": str(root / "pp2"), "data": data, "history": history, "log": log},
                                    default=str))
     return json.loads(done.read_text())
@@ -65,6 +67,8 @@ def after_pp2(pp2, tmp_path_factory):
     # the resume's folder: the PP=2 run's checkpoints without step 4
     shutil.copytree(os.path.join(pp2["out"], "checkpoints"), root / "resume" / "checkpoints")
     shutil.rmtree(root / "resume" / "checkpoints" / "step00000004")
+    for name in ("pp1", "resume"):
+        seed_store(migrated_store(tmp_path_factory), root / name / "mlflow.db")
     runs = {"pp1": (root / "pp1", StartedTorchrun(launcher_args(root / "pp1", pp2["data"]), root / "pp1_console",
                                                   nproc=1, timeout=300)),
             "resume": (root / "resume", StartedTorchrun(launcher_args(root / "resume", pp2["data"], "parallel.pp=2",
