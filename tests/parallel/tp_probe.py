@@ -35,9 +35,11 @@ def probe_outputs(model, batch):
     else:  # vocab-parallel CE wants [tokens, batch, vocab_shard]; labels outside this rank's slice are handled
         ce = vocab_parallel_cross_entropy(logits[keep][:, None].float(), labels[keep][:, None]).mean()
     itc_i, itc_t = model.itc(image[:, 0], text[:, 0])
+    from vlmo_large.evaluation.pretraining import _full_vocab_argmax  # held-out MLM accuracy's prediction
+    predicted = _full_vocab_argmax(model, logits.detach())  # at TP=2 over the head's vocabulary slices
     loss = ce + sum(t.pow(2).mean() for t in (image, image_vl, text, text_vl, pair)) + (itc_i @ itc_t.T).sum()
     return {"image": image, "image_vl": image_vl, "text": text, "text_vl": text_vl, "pair": pair,
-            "ce": ce, "loss": loss}
+            "ce": ce, "loss": loss, "mlm_argmax": predicted}
 
 
 def main(weights_path: str, out_path: str) -> None:

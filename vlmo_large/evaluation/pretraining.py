@@ -114,10 +114,9 @@ def _mlm_counts(model, mlm_ids, mask, images, labels) -> torch.Tensor:
 def _full_vocab_argmax(model, logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[-1] == model.cfg.vocab_size:
         return logits.argmax(-1)
-    # Tensor parallel: this rank holds a slice of the vocabulary.
-    from megatron.core import parallel_state
-    return vocab_parallel_argmax(logits, parallel_state.get_tensor_model_parallel_group(),
-                                 parallel_state.get_tensor_model_parallel_rank())
+    # Tensor parallel: this rank holds a slice of the vocabulary, split over the head's own group.
+    group = model.mlm_head.decoder.tp_group
+    return vocab_parallel_argmax(logits, group, group.rank())
 
 
 def _reduce(local: dict, group) -> dict[str, float]:
