@@ -20,7 +20,7 @@ from torch import nn
 
 from vlmo_large.config import ModelConfig
 from vlmo_large.model import build_model
-from vlmo_large.parallel.layout import check_pipeline_depth, check_pipeline_zero
+from vlmo_large.parallel.layout import check_pipeline_depth, check_pipeline_zero, stage_of
 
 GIB = 1024 ** 3
 
@@ -101,22 +101,13 @@ def activation_bytes(cfg: ModelConfig, layout: Layout) -> int:
 def params_per_stage(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
     """Parameters one GPU holds on each pipeline stage at tensor-parallel size `tp` (exact).
 
-    Blocks are split evenly over stages; embeddings and the relative table sit on the first, the
-    final norm and the heads on the last.
+    Stages split as the pipeline splits them (parallel/layout.py stage_of).
     """
     model = build_model(cfg, device="meta")
     per_stage = [0] * pp
-    layers_per_stage = -(-cfg.depth // pp)
     for name, param in model.named_parameters():
         n = param.numel() // tp if getattr(param, "tensor_model_parallel", False) else param.numel()
-        if name.startswith("backbone.blocks."):
-            stage = int(name.split(".")[2]) // layers_per_stage
-        elif name.startswith(("backbone.text_embeddings", "backbone.patch_embed", "backbone.modality_embed",
-                              "backbone.rel_pos")):
-            stage = 0
-        else:
-            stage = pp - 1
-        per_stage[stage] += n
+        per_stage[stage_of(name, cfg.depth, pp)] += n
     return per_stage
 
 

@@ -2,8 +2,8 @@
 `--init` calls.
 
 Layout of a sharded folder: `tp{r}_of{N}.safetensors` per TP rank (with PP > 1:
-`tp{r}_of{N}-pp{s}_of{P}.safetensors`, blocks split into P contiguous ranges, embeddings and the
-relative table on the first stage, final norm and heads on the last), `config.json`, and
+`tp{r}_of{N}-pp{s}_of{P}.safetensors`, split by the pipeline's rule, parallel/layout.py
+stage_of), `config.json`, and
 `sharded.json` naming each tensor's stage file. Tensors keep this project's names; each rank reads
 only its own files.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 from torch import nn
@@ -22,19 +21,10 @@ from vlmo_large.checkpoint.plain import CONFIG_NAME, PlainCheckpoint, config_to_
 from vlmo_large.checkpoint.safetensors_stream import write_streamed
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError, LoadReport
-from vlmo_large.parallel.layout import check_pipeline_depth
+from vlmo_large.parallel.layout import check_pipeline_depth, stage_of
 from vlmo_large.parallel.sharding import shard, unshard
 
 MANIFEST = "sharded.json"
-_BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.")
-_FIRST_STAGE = ("backbone.text_embeddings.", "backbone.patch_embed.", "backbone.modality_embed.", "backbone.rel_pos.")
-
-
-def stage_of(name: str, cfg: ModelConfig, pp: int) -> int:
-    if (m := _BLOCK.match(name)):
-        per_stage = -(-cfg.depth // pp)
-        return int(m.group(1)) // per_stage
-    return 0 if name.startswith(_FIRST_STAGE) else pp - 1
 
 
 def shard_file(rank: int, tp: int, stage: int, pp: int) -> str:
@@ -61,7 +51,7 @@ def write_sharded(plain_path: str, out_dir: str, tp: int, pp: int = 1, cfg: Mode
     with tqdm(total=len(layout) * tp, desc="from-plain", unit="tensor") as bar:
         for rank in range(tp):
             for stage in range(pp):
-                names = [n for n in layout if stage_of(n, cfg, pp) == stage]
+                names = [n for n in layout if stage_of(n, cfg.depth, pp) == stage]
                 file = shard_file(rank, tp, stage, pp)
                 entries = [(n, local_shape(layout[n], tp), torch.float32) for n in names]
 

@@ -8,7 +8,37 @@ unsupported combination raises a ValueError with one line that says what to chan
 """
 from __future__ import annotations
 
+import re
+
 from vlmo_large.config import ModelConfig, check_tensor_parallel
+
+_BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.")
+# what the first stage runs besides its blocks: the embeddings (the MIM mask token is one input of them)
+_FIRST_STAGE = ("backbone.text_embeddings.", "backbone.patch_embed.", "backbone.modality_embed.",
+                "mim_head.mask_token")
+
+
+def stage_blocks(depth: int, pp: int) -> list[range]:
+    """The one stage-split rule, of the pipeline, the checkpoint splitter and the memory estimator:
+    stage s runs blocks [s * depth // pp, (s + 1) * depth // pp) (as even as the depth allows, none
+    empty); the embeddings run on the first stage, the final norm and the heads on the last."""
+    if not 1 <= pp <= depth:
+        raise ValueError(f"cannot split {depth} blocks into {pp} pipeline stages")
+    return [range(s * depth // pp, (s + 1) * depth // pp) for s in range(pp)]
+
+
+def stage_of(name: str, depth: int, pp: int) -> int:
+    """The stage that holds VLMo tensor `name` under stage_blocks."""
+    if (m := _BLOCK.match(name)):
+        block = int(m.group(1))
+        return next(stage for stage, blocks in enumerate(stage_blocks(depth, pp)) if block in blocks)
+    return 0 if name.startswith(_FIRST_STAGE) else pp - 1
+
+
+def pipeline_parts(depth: int, pp: int) -> list[int]:
+    """stage_blocks as DeepSpeed's layer boundaries over [embeddings, block 0 .. depth - 1, head]."""
+    blocks = stage_blocks(depth, pp)
+    return [0] + [1 + b.stop for b in blocks[:-1]] + [depth + 2]
 
 
 def data_parallel_size(world_size: int, tp: int, pp: int) -> int:

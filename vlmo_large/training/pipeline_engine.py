@@ -35,7 +35,7 @@ from vlmo_large.tasks.losses import itm_pairs, normalized_pixel_targets
 
 def build_pipeline_engine(cfg: ModelConfig, stage: str, ds_config: dict, tensor_parallel: int,
                           pipeline_parallel: int, weights: dict | None = None, weight_decay: float = 0.01,
-                          decay_rule: str = "reference", partition_method: str = "parameters", lr_scheduler=None):
+                          decay_rule: str = "reference", lr_scheduler=None):
     """Validate the layout, create the process groups, build this rank's stage and its engine.
 
     `weights`: a plain VLMo state dict (full tensors) to start from; otherwise layers initialise
@@ -52,7 +52,7 @@ def build_pipeline_engine(cfg: ModelConfig, stage: str, ds_config: dict, tensor_
     # others need no gradient; every stream here needs one, so whole tensors are sent.
     ds_config = dict(ds_config, pipeline=dict(ds_config.get("pipeline", {}), pipe_partitioned=False,
                                               grad_partitioned=False))
-    pipe = MoMEPipeline(cfg, stage, pipeline_topology(tensor_parallel, pipeline_parallel), partition_method)
+    pipe = MoMEPipeline(cfg, stage, pipeline_topology(tensor_parallel, pipeline_parallel))
     if weights is not None:
         load_plain_state_dict(pipe, weights)
     freeze_for_stage(pipe, stage)
