@@ -41,6 +41,12 @@ ROWS = (
     ("base ZeRO-3 eager", ["--preset", "base", "--batch", "64", "--zero", "3"], 60, 35),
     ("large ZeRO-2 compiled, SDPA instead of flex",
      ["--preset", "large", "--batch", "32", "--zero", "2", "--compile", "--attention", "sdpa"], 200, 150),
+    # last: the budget reaches them only when the rows above finish early
+    ("large ZeRO-2 compiled + CUDA graphs (reduce-overhead)",
+     ["--preset", "large", "--batch", "32", "--zero", "2", "--compile", "--compile-mode", "reduce-overhead"],
+     240, 150),
+    ("large ZeRO-2 compiled, packed unimodal passes",
+     ["--preset", "large", "--batch", "32", "--zero", "2", "--compile", "--pack-unimodal"], 200, 150),
 )
 
 
@@ -52,6 +58,8 @@ def row_args(args: list[str], out: str, dry_run: bool) -> list[str]:
         return args + common + ["--dtype", "bf16", "--steps", "5", "--warmup", "2"]
     if "--compile" in args:  # a CPU compile of every shape takes minutes: the row runs eager
         args.remove("--compile")
+        if "--compile-mode" in args:  # step_bench refuses a mode without --compile
+            del args[args.index("--compile-mode"):args.index("--compile-mode") + 2]
     args[args.index("--preset") + 1] = "tiny"
     batches = args[args.index("--batch") + 1].split(",")
     args[args.index("--batch") + 1] = ",".join(str(2 * (i + 1)) for i in range(min(2, len(batches))))
@@ -64,7 +72,8 @@ def config_of(args: list[str]) -> dict:
         return args[args.index(flag) + 1] if flag in args else default
     return {"preset": value("--preset"), "batch": value("--batch"), "zero": value("--zero"),
             "attention": value("--attention", "auto"), "compile": "--compile" in args,
-            "dtype": value("--dtype")}
+            "compile_mode": value("--compile-mode", "default") if "--compile" in args else None,
+            "pack_unimodal": "--pack-unimodal" in args, "dtype": value("--dtype")}
 
 
 def run_row(cmd: list[str], timeout: float, log) -> tuple[str, str]:

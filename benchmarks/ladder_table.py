@@ -20,9 +20,17 @@ def _num(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def compiled(r: dict) -> str:
+    """The compiled column: yes/no, the torch.compile mode when not the default, packed unimodal passes."""
+    text = "yes" if r.get("compile") else "no"
+    if r.get("compile") and r.get("compile_mode") not in (None, "default"):
+        text += f" ({r['compile_mode']})"
+    return text + (", packed unimodal" if r.get("pack_unimodal") else "")
+
+
 def table_row(r: dict) -> str:
     config = [r.get("preset", ""), str(r.get("batch", "")), str(r.get("zero", "")), r.get("attention", ""),
-              "yes" if r.get("compile") else "no"]
+              compiled(r)]
     if r.get("status") != "ok":
         status = r.get("status", "?")
         note = f" ({r['error']})" if r.get("error") and status != "OOM" else ""
@@ -37,7 +45,9 @@ def profile_table(r: dict) -> list[str]:
     b = r["profile"]
     step = b["step_ms"] or 1e-9
     name = (f"{r['preset']} micro {r['batch']} ZeRO-{r['zero']} {r['attention']}"
-            f"{' compiled' if r.get('compile') else ''}")
+            f"{' compiled' if r.get('compile') else ''}"
+            f"{' ' + r['compile_mode'] if r.get('compile') and r.get('compile_mode') not in (None, 'default') else ''}"
+            f"{' packed unimodal' if r.get('pack_unimodal') else ''}")
     rows = list(b["categories_ms"].items())
     if b["kind"] == "gpu":
         rows.append(("idle gaps (compute stream)", b["idle_gaps_ms"]))

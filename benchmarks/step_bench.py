@@ -47,6 +47,8 @@ PHASES = ("to_device", "forward", "backward", "optimizer", "metrics")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from vlmo_large.config import COMPILE_MODES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="base")
     parser.add_argument("--stage", default="vl", help="the task to time (a name registered in vlmo_large/tasks/)")
@@ -59,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ds-config", help="a DeepSpeed file whose ZeRO and communication settings to use")
     parser.add_argument("--attention", choices=("auto", "sdpa", "explicit", "flex"), default="auto")
     parser.add_argument("--compile", action="store_true", help="model.compile=true (torch.compile per block)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="with --compile: model.compile_mode (reduce-overhead: CUDA graphs per block)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="activation checkpointing every k-th block")
     parser.add_argument("--pack-unimodal", action="store_true",
                         help="model.pack_unimodal=true (stage 3's image-only and text-only passes as one)")
@@ -75,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batches = sorted({int(b) for b in args.batch.split(",")})
     except ValueError:
         parser.error(f"--batch {args.batch!r}: expected an integer or a comma list of integers")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
     if args.shards and len(args.batches) > 1:
         parser.error("--shards takes one --batch size (the loader is built for it)")
     if args.shards and not args.tokenizer:
@@ -105,6 +111,7 @@ def run_config(args, micro: int):
     model = {"attention": args.attention, "checkpoint_every": args.checkpoint_every}
     if args.compile:
         model["compile"] = True
+        model["compile_mode"] = args.compile_mode
     if args.pack_unimodal:
         model["pack_unimodal"] = True
     data = ({"source": "shards", "shards": args.shards, "tokenizer": args.tokenizer, "num_workers": args.workers}
@@ -277,6 +284,7 @@ def run_batch(trainer, args, micro: int, versions: dict) -> dict:
     device = device_name()
     row = {"preset": args.preset, "batch": micro, "zero": trainer.engine.zero_optimization_stage(),
            "dtype": args.dtype, "attention": args.attention, "compile": args.compile,
+           "compile_mode": args.compile_mode if args.compile else None,
            "checkpoint_every": args.checkpoint_every, "pack_unimodal": args.pack_unimodal,
            "data": "shards" if args.shards else "random",
            "workers": args.workers if args.shards else 0, "device": device, **versions}
@@ -293,7 +301,8 @@ def run_batch(trainer, args, micro: int, versions: dict) -> dict:
         if args.profile:
             row["profile"] = profile_step(trainer, batches, args.profile,
                                           f"{args.preset}_b{micro}_z{row['zero']}_{args.attention}"
-                                          f"{'_compiled' if args.compile else ''}")
+                                          f"{'_compiled' if args.compile else ''}"
+                                          f"{'_' + args.compile_mode if args.compile_mode != 'default' else ''}")
         if args.sync_check and torch.cuda.is_available() and micro == args.batches[0]:  # once per run
             row["sync_check"] = sync_check(trainer, batches)
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # cuBLAS/NCCL report theirs as RuntimeError
@@ -315,7 +324,8 @@ def run_batch(trainer, args, micro: int, versions: dict) -> dict:
 
 def describe(row: dict) -> str:
     head = (f"step_bench preset={row['preset']} batch={row['batch']} dtype={row['dtype']} zero={row['zero']} "
-            f"attention={row['attention']} compile={row['compile']} checkpoint_every={row['checkpoint_every']} "
+            f"attention={row['attention']} compile={row['compile']} compile_mode={row.get('compile_mode')} "
+            f"checkpoint_every={row['checkpoint_every']} "
             f"pack_unimodal={row.get('pack_unimodal', False)} data={row['data']} device={row['device']}: ")
     if row["status"] != "ok":
         return head + f"{row['status']} ({row.get('error', '')})"

@@ -17,6 +17,14 @@ def test_gpu_rows_run_bf16_with_the_cluster_zero_settings_and_the_target_row_fir
     assert first[first.index("--ds-config") + 1] == gpu_ladder.CLUSTER_FILE and os.path.isfile(gpu_ladder.CLUSTER_FILE)
 
 
+def test_cuda_graph_and_packed_rows_run_last_and_reach_step_bench_as_options():
+    graphs, packed = (gpu_ladder.row_args(spec, "/o", dry_run=False) for _, spec, _, _ in gpu_ladder.ROWS[-2:])
+    assert graphs[graphs.index("--compile-mode") + 1] == "reduce-overhead" and "--compile" in graphs
+    assert "--pack-unimodal" in packed and "--compile" in packed
+    assert gpu_ladder.config_of(graphs)["compile_mode"] == "reduce-overhead"
+    assert gpu_ladder.config_of(packed)["pack_unimodal"]
+
+
 def test_rows_that_no_longer_fit_the_budget_are_reported_skipped(tmp_path, capsys):
     assert gpu_ladder.main(["--out", str(tmp_path), "--budget", "10"]) == 0  # no row's minimum fits
     table = (tmp_path / "table.md").read_text()
@@ -27,7 +35,7 @@ def test_rows_that_no_longer_fit_the_budget_are_reported_skipped(tmp_path, capsy
 def test_dry_run_rows_are_tiny_fp32_one_step_and_eager():
     for _, spec, _, _ in gpu_ladder.ROWS:
         args = gpu_ladder.row_args(spec, "/o", dry_run=True)
-        assert "--compile" not in args and args[args.index("--preset") + 1] == "tiny"
+        assert "--compile" not in args and "--compile-mode" not in args and args[args.index("--preset") + 1] == "tiny"
         assert args[args.index("--dtype") + 1] == "fp32" and args[args.index("--steps") + 1] == "1"
         many = "," in spec[spec.index("--batch") + 1]
         assert args[args.index("--batch") + 1] == ("2,4" if many else "2")
@@ -54,6 +62,9 @@ def test_markdown_rows_profile_and_sync_check():
     hung = {"preset": "base", "batch": "64", "zero": "3", "attention": "auto", "compile": True, "status": "timeout",
             "error": "last line"}
     assert table_row(ok) == "| large | 32 | 3 | flex | yes | 0.500 | 64.0 | 300.0 | 30.3% | 70.1 | 95.0 |"
+    graphs = {**ok, "compile_mode": "reduce-overhead", "pack_unimodal": True, "status": "skipped"}
+    assert table_row(graphs).startswith("| large | 32 | 3 | flex | yes (reduce-overhead), packed unimodal | **skipped")
+    assert table_row({**ok, "compile_mode": "default"}) == table_row(ok)
     assert table_row(oom) == "| large | 64 | 3 | flex | yes | **OOM** |  |  |  |  |  |"
     assert table_row(hung) == "| base | 64 | 3 | auto | yes | **timeout** (last line) |  |  |  |  |  |"
     text = markdown([ok, oom, hung])

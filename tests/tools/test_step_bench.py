@@ -54,3 +54,12 @@ def test_sync_check_names_the_phase_and_confirms_a_clean_step(bench, monkeypatch
     monkeypatch.setattr(trainer.engine, "step", real_step)
     clean = step_bench.sync_check(trainer, step_bench.batch_source(trainer, args, 2))
     assert clean["syncs"] == 0 and clean["error_mode"] == "passed"
+
+
+def test_compile_mode_reaches_the_model_config_and_needs_compile():
+    args = step_bench.parse_args(["--preset", "tiny", "--compile", "--compile-mode", "reduce-overhead"])
+    model = step_bench.run_config(args, 2).model
+    assert model["compile"] is True and model["compile_mode"] == "reduce-overhead"  # overrides of ModelConfig
+    assert "compile_mode" not in step_bench.run_config(step_bench.parse_args(["--preset", "tiny"]), 2).model
+    with pytest.raises(SystemExit):
+        step_bench.parse_args(["--preset", "tiny", "--compile-mode", "reduce-overhead"])
