@@ -71,5 +71,30 @@ def store_template(tmp_path_factory) -> Path:
     return migrated_store(tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A small synthetic dataset (image-text, held-out and retrieval splits) shared by launcher tests."""
+    from vlmo_large.data.synthetic import make_synthetic
+    return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), num_pairs=64, num_images=8, num_texts=8,
+                          num_val=16, num_retrieval=6, num_vqa_images=2, num_nlvr2=2, samples_per_shard=16)
+
+
+@pytest.fixture(scope="session")
+def zero1_launch(tmp_path_factory, dataset, store_template):
+    """The launcher on two ranks (torchrun), ZeRO-1, 4 steps on the shared shards, checkpoints at
+    steps 2 and 4 -> (output dir, StartedTorchrun): started when first asked for, so that it trains
+    alongside what that test does next; result() waits for it (and may be called again). One run for
+    tests/training/test_launcher_resume.py (resumes a copy) and tests/checkpoint/test_resume_safety.py
+    (resumes it on one rank), so it lives here, where both directories see one session instance.
+    Treat the folder as read-only."""
+    from tests.training.conftest import StartedTorchrun, zero1_launch_args
+    root = tmp_path_factory.mktemp("zero1_launch")
+    out = root / "run"
+    seed_store(store_template, out / "mlflow.db")
+    started = StartedTorchrun(zero1_launch_args(out, dataset), root / "console", nproc=2, timeout=300)
+    yield out, started
+    started.proc.kill()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-rank runs of 4 processes (still part of the default suite)")

@@ -1,15 +1,9 @@
 """`--init` reads a DeepSpeed checkpoint dir (weights-only reader), an export dir and a weights file
 to the same tensors, and a wrong path is one clear error."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.conftest import REPO
-from vlmo_large.data.synthetic import make_synthetic
 from vlmo_large.formats.io import CheckpointError
 from vlmo_large.formats.rel_pos_tables import split_tables
 from vlmo_large.model import build_model
@@ -17,19 +11,9 @@ from vlmo_large.training.initialization import load_init_weights
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("init")
-    data = make_synthetic(str(root / "data"), num_pairs=32, num_images=8, num_texts=8, num_val=4, num_retrieval=2,
-                          num_vqa_images=2, num_nlvr2=2, samples_per_shard=16)
-    out = root / "run"
-    args = [sys.executable, os.path.join(REPO, "launchers", "pretrain.py"), "--ds_config",
-            os.path.join(REPO, "ds_configs", "cpu_fp32.json"), "preset=tiny", "stage=vl", f"output_dir={out}",
-            f"data.shards={data['image_text']['train']}", f"data.tokenizer={data['tokenizer']}", "batch.micro=4",
-            "schedule.steps=2", "schedule.warmup=1", "checkpoint.every=0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
-    result = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def trained(deepspeed_launch):
+    """A launcher run's output folder: a ZeRO-3 DeepSpeed checkpoint of two ranks and its export."""
+    return deepspeed_launch[0]
 
 
 @pytest.mark.parametrize("source", ["checkpoints", "export", "export/model.safetensors"])

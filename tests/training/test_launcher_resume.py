@@ -7,25 +7,21 @@ import shutil
 
 from safetensors.torch import load_file
 
-from tests.training.conftest import REPO, run_torchrun
-
-LAUNCHER = os.path.join(REPO, "launchers", "pretrain.py")
-DS = os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")
+from tests.conftest import seed_store
+from tests.training.conftest import run_torchrun, zero1_launch_args
 
 
-def _launch(out, dataset, *extra):
-    run_torchrun([LAUNCHER, "--ds_config", DS, "preset=tiny", "stage=vl", f"output_dir={out}",
-                  f"data.shards={dataset['image_text']['train']}", f"data.tokenizer={dataset['tokenizer']}",
-                  "data.augment=light", "batch.micro=4", "schedule.steps=4", "schedule.warmup=1",
-                  "checkpoint.every=2", "checkpoint.keep=2", "log_every=1", *extra])
+def metrics(out) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def test_resume_skips_an_interrupted_checkpoint_and_matches(tmp_path, dataset):
-    full = _launch(tmp_path / "full", dataset)
+def test_resume_skips_an_interrupted_checkpoint_and_matches(tmp_path, dataset, zero1_launch, store_template):
+    run, started = zero1_launch  # the uninterrupted run (a session fixture, read-only)
+    started.result()
+    full = metrics(run)
     assert [h["step"] for h in full] == [1, 2, 3, 4]
-    ckpt = tmp_path / "full" / "checkpoints"
+    ckpt = run / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000002", "step00000004"]
     assert (ckpt / "latest").read_text() == "step00000004"
 
@@ -33,14 +29,16 @@ def test_resume_skips_an_interrupted_checkpoint_and_matches(tmp_path, dataset):
     crashed = tmp_path / "crashed"
     shutil.copytree(ckpt, crashed / "checkpoints")
     os.remove(crashed / "checkpoints" / "step00000004" / "COMPLETE")
-    resumed = _launch(crashed, dataset, "--resume", "auto")
+    seed_store(store_template, crashed / "mlflow.db")
+    run_torchrun(zero1_launch_args(crashed, dataset, "--resume", "auto"))
+    resumed = metrics(crashed)
     assert [h["step"] for h in resumed] == [3, 4]
     for a, b in zip(full[2:], resumed):
         for key in ("loss", "itc", "itm", "mlm"):
             assert abs(a[key] - b[key]) < 1e-6, (key, a, b)
 
     exported = load_file(str(crashed / "export" / "model.safetensors"))
-    reference = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
+    reference = load_file(str(run / "export" / "model.safetensors"))
     assert exported.keys() == reference.keys()
     assert max((exported[k] - reference[k]).abs().max().item() for k in exported) < 1e-6
     assert json.loads((crashed / "export" / "model_config.json").read_text())["name"] == "tiny"
