@@ -2,9 +2,10 @@
 # One prepared GPU check, ~8 minutes on one H100/H200: install the carried wheels (.whl/), check
 # the attention backends against the explicit math on the GPU, then the step_bench ladder
 # (benchmarks/gpu_ladder.py: large and base, micro 16/32/64, ZeRO 1/2/3, eager vs compiled, SDPA
-# vs flex, one profile, the host-sync check) within GPU_CHECK_BUDGET_S seconds, most important
-# rows first. Prints the table for benchmarks/RESULTS.md; everything lands in $OUT
-# (gpu.log, rows.jsonl, table.md, profile/ traces).
+# vs flex, one profile, the host-sync check; last, if the budget reaches them, CUDA graphs and
+# packed unimodal passes) within GPU_CHECK_BUDGET_S seconds, most important rows first. Prints
+# the table for benchmarks/RESULTS.md; everything lands in $OUT (gpu.log, rows.jsonl, table.md,
+# profile/ traces).
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU machine
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh   # here, on a CPU: tiny preset, one step a row
