@@ -72,7 +72,7 @@ def _merge(running, new, k: int):
 
 
 def topk_both_ways(image_feats: torch.Tensor, text_feats: torch.Tensor, k_texts: int, k_images: int,
-                   image_chunk: int = 1024, text_chunk: int = 8192):
+                   image_chunk: int = 1024, text_chunk: int = 25000):
     """((scores, text indices) [N, k_texts] of each image's best texts,
         (scores, image indices) [M, k_images] of each text's best images), by cosine similarity.
     Memory: one [image_chunk, text_chunk] block at a time plus the lists."""
@@ -134,7 +134,7 @@ def hits_at_k(scores: torch.Tensor, candidates_are_gold: torch.Tensor, ks) -> di
 
 def topk_retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_to_image,
                            ks: tuple[int, ...] = KS, groups: torch.Tensor | None = None,
-                           image_chunk: int = 1024, text_chunk: int = 8192) -> dict[str, float]:
+                           image_chunk: int = 1024, text_chunk: int = 25000) -> dict[str, float]:
     """{"tr_r1", ..., "ir_r10"} (fractions) for features [N, D], [M, D] and `text_to_image[j]`, the
     image of caption j (COCO: 5 per image); `groups` as GoldPairs. Inputs are checked by the
     caller (retrieval.retrieval_metrics)."""
