@@ -83,6 +83,11 @@ def _runs(out):
     return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+def _loss_steps(out) -> set[int]:
+    client, runs = _runs(out)
+    return {m.step for run in runs for m in client.get_metric_history(run.info.run_id, "loss")}
+
+
 def _two_nodes(out, *extra, timeout=600):
     """Two torchrun "nodes" of one rank each on loopback: node 1's local rank 0 is not rank 0."""
     port, env = free_port(), dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MLFLOW_DISABLE_TELEMETRY="true",
@@ -140,7 +145,10 @@ def test_a_run_killed_with_sigkill_is_continued_and_finished_on_resume(tmp_path,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not ((out / "checkpoints" / RECORD_NAME).exists() and (out / "checkpoints" / "latest").exists()):
+        # the checkpoint's steps must be in the store too: the tracker delivers from a background
+        # thread, and a step still in its outbox is lost with the process (the resume starts after it)
+        while not ((out / "checkpoints" / RECORD_NAME).exists() and (out / "checkpoints" / "latest").exists()
+                   and {1, 2} <= _loss_steps(out)):
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint and run record in time"
             time.sleep(0.1)
     finally:
