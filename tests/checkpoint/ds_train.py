@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 GLOBAL_BATCH = 4
 
@@ -36,8 +37,12 @@ def per_sample_loss(model, ids, mask, labels, images):
     text, text_vl = bb.encode_text(ids, mask, vl_branch=True)
     pair = bb.encode_pair(ids, mask, images)
     logits = model.mlm_head(pair[:, : ids.shape[1]]).float()
-    ce = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), labels.clamp(min=0).T.contiguous())
-    ce = (ce.T * (labels != -100)).sum(1) / ids.shape[1]
+    targets = labels.clamp(min=0)
+    if model.mlm_head.tp_size == 1:  # a plain process has no megatron group (build_model(tp_group=None))
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(labels.shape)
+    else:
+        ce = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.T.contiguous()).T
+    ce = (ce * (labels != -100)).sum(1) / ids.shape[1]
     itc_i, itc_t = model.itc(image[:, 0], text[:, 0])
     squares = sum(t.float().pow(2).mean((1, 2)) for t in (image, image_vl, text, text_vl, pair))
     return ce + 0.1 * squares + (itc_i * itc_t).sum(-1) * model.itc.logit_scale
