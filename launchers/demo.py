@@ -77,14 +77,13 @@ def report_retrieval(args, manifest: dict, export_dir: str) -> None:
     import torch
     from safetensors.torch import load_file
 
+    from vlmo_large.checkpoint.plain import PlainCheckpoint
     from vlmo_large.data import load_tokenizer
     from vlmo_large.evaluation.heldout_retrieval import heldout_retrieval
     from vlmo_large.formats.rel_pos_tables import split_tables  # the export's merged table -> one per block
     from vlmo_large.model import build_model
 
-    with open(os.path.join(export_dir, "model_config.json")) as f:
-        model_config = json.load(f)
-    model = build_model("tiny", **{k: v for k, v in model_config.items() if k != "name"})
+    model = build_model(PlainCheckpoint(export_dir).config())
     model.load_state_dict(split_tables(load_file(os.path.join(export_dir, "model.safetensors"))))
     tokenizer = load_tokenizer(manifest["tokenizer"])
     cfg = model.cfg

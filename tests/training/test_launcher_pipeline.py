@@ -103,7 +103,7 @@ def test_pipeline_checkpoints_and_export(pp2):
     exported = load_file(os.path.join(pp2["out"], "export", "model.safetensors"))
     from vlmo_large.model import build_model
     assert set(split_tables(exported)) == set(build_model("tiny", device="meta").state_dict())
-    with open(os.path.join(pp2["out"], "export", "model_config.json")) as f:
+    with open(os.path.join(pp2["out"], "export", "config.json")) as f:
         assert json.load(f)["name"] == "tiny"
 
 

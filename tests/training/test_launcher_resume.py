@@ -5,10 +5,15 @@ import json
 import os
 import shutil
 
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import seed_store
 from tests.training.conftest import run_torchrun, zero1_launch_args
+from tools.convert_checkpoint import main as convert_checkpoint
+from vlmo_large.checkpoint import PlainCheckpoint, load_sharded_plain
+from vlmo_large.formats.rel_pos_tables import split_tables
+from vlmo_large.model import build_model
 
 
 def metrics(out) -> list[dict]:
@@ -41,4 +46,12 @@ def test_resume_skips_an_interrupted_checkpoint_and_matches(tmp_path, dataset, z
     reference = load_file(str(run / "export" / "model.safetensors"))
     assert exported.keys() == reference.keys()
     assert max((exported[k] - reference[k]).abs().max().item() for k in exported) < 1e-6
-    assert json.loads((crashed / "export" / "model_config.json").read_text())["name"] == "tiny"
+    assert json.loads((crashed / "export" / "config.json").read_text())["name"] == "tiny"
+    # the export stands alone: from-plain needs no model flags (config.json is beside the weights)
+    sharded = crashed / "tp2"
+    assert convert_checkpoint(["from-plain", str(crashed / "export"), str(sharded), "--tp", "2"]) == 0
+    model = build_model(PlainCheckpoint(str(crashed / "export")).config())  # its config: config.json
+    load_sharded_plain(model, str(sharded))  # the two TP shards merged back in one process
+    weights = split_tables(exported)
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)

@@ -12,7 +12,8 @@ import torch
 from vlmo_large.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
 from vlmo_large.checkpoint.pipeline_reader import PipelineCheckpoint, open_checkpoint
 from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout, resolve_config, strip_prefix
-from vlmo_large.checkpoint.plain import CONFIG_NAME, config_to_dict, write_plain, write_plain_dict
+from vlmo_large.checkpoint.plain import (CONFIG_NAME, LEGACY_EXPORT_CONFIG, config_to_dict, write_plain,
+                                         write_plain_dict)
 from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
 from vlmo_large.formats.rel_pos_tables import MERGED, disk_groups, merge_tables
@@ -36,7 +37,7 @@ def stored_config(ckpt: DeepSpeedCheckpoint) -> tuple[dict | None, str]:
         cfg = get_preset(run["preset"], **(run.get("model") or {}))
         return dataclasses.asdict(cfg), f"{where} (client_state['run_config'])"
     for folder in (ckpt.folder, os.path.dirname(ckpt.folder.rstrip("/"))):
-        for name in (CONFIG_NAME, "model_config.json"):
+        for name in (CONFIG_NAME, LEGACY_EXPORT_CONFIG):
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 with open(path) as f:

@@ -19,11 +19,12 @@ from tqdm import tqdm
 from vlmo_large.checkpoint.safetensors_stream import nbytes, plan_shards, write_streamed
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError
-from vlmo_large.formats.rel_pos_tables import MERGED, block_columns
+from vlmo_large.formats.rel_pos_tables import MERGED, block_columns, merge_tables
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+LEGACY_EXPORT_CONFIG = "model_config.json"  # what training exports named config.json until 2026-12
 NAMING_KEY = "naming"  # in config.json: which tensor names the files use
 
 
@@ -62,6 +63,24 @@ def write_plain(out_dir: str, entries: list[tuple[str, tuple, torch.dtype]],
         with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
             json.dump(config_to_dict(cfg, naming), f, indent=2)
     return files
+
+
+def write_export(out_dir: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> str:
+    """What a training run exports at its end: the model's tensors in the plain layout (one
+    model.safetensors, the merged relative table) and config.json, the name every reader of plain
+    folders looks for, so the folder needs nothing else for `from-plain`, `--init` or evaluation.
+    Each file is written under a temporary name and renamed. Returns the safetensors path."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, SINGLE_NAME)
+    save_file({k: v.contiguous() for k, v in merge_tables(state).items()}, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    config_path = os.path.join(out_dir, CONFIG_NAME)
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config_to_dict(cfg), f, indent=2)
+    os.replace(config_path + ".tmp", config_path)
+    return path
 
 
 def write_plain_dict(out_dir: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None,
@@ -191,6 +210,8 @@ class PlainCheckpoint:
 
     def config_dict(self) -> dict | None:
         path = os.path.join(self.folder, CONFIG_NAME)
+        if not os.path.isfile(path):  # exports written before config.json was the one name
+            path = os.path.join(self.folder, LEGACY_EXPORT_CONFIG)
         if not os.path.isfile(path):
             return None
         try:

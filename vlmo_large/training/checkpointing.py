@@ -25,11 +25,11 @@ import torch.distributed as dist
 
 from vlmo_large.checkpoint import safe_engine
 from vlmo_large.checkpoint.deepspeed_reader import PARAM_NAMES
+from vlmo_large.checkpoint.plain import write_export
 from vlmo_large.checkpoint.portable import STATE_FILE
 from vlmo_large.checkpoint.resume_checks import current_layout, describe, refuse_layout_change, tag_problem
 from vlmo_large.errors import UserError
 from vlmo_large.formats.io import CheckpointError
-from vlmo_large.formats.rel_pos_tables import merge_tables
 from vlmo_large.parallel import state
 from vlmo_large.parallel.sharding import gather_full_state_dict
 
@@ -261,23 +261,13 @@ def _reapply_scheduled_lr(engine) -> None:
 # -- plain weights --------------------------------------------------------------------------------
 def export_weights(engine, model, out_dir: str, zero3: bool) -> Optional[str]:
     """Collective: full (TP-merged, ZeRO-3-gathered) weights of `model` as model.safetensors plus
-    model_config.json, written by rank 0. Tensors keep the training dtype."""
-    import dataclasses
-
+    config.json (checkpoint.plain.write_export), written by rank 0. Tensors keep the training dtype."""
     import deepspeed
-    from safetensors.torch import save_file
 
     params = list(model.parameters())
     gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
     with gathered:
         full = gather_full_state_dict(model, state.tp_group())
-    path = None
-    if _rank() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "model.safetensors")
-        save_file({k: v.contiguous() for k, v in merge_tables(full).items()}, path + ".tmp")  # the plain layout
-        os.replace(path + ".tmp", path)
-        _write_atomic(os.path.join(out_dir, "model_config.json"),
-                      json.dumps(dataclasses.asdict(model.cfg), indent=2))
+    path = write_export(out_dir, full, model.cfg) if _rank() == 0 else None
     _barrier()
     return path

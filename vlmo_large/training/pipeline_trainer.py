@@ -17,8 +17,6 @@ Evaluation during training is not supported (validation.py refuses eval_every wi
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
 import torch
@@ -27,8 +25,8 @@ from megatron.core import parallel_state
 from torch.optim.lr_scheduler import LambdaLR
 
 from vlmo_large.checkpoint.pipeline_reader import OUTSIDE_KEY  # client_state: {plain name: tensor} no stage holds
+from vlmo_large.checkpoint.plain import write_export
 from vlmo_large.data.masking import max_masked_tokens
-from vlmo_large.formats.rel_pos_tables import merge_tables
 from vlmo_large.parallel import state
 from vlmo_large.training.pipeline_engine import PipelineStep, build_pipeline_engine
 from vlmo_large.training.pipeline_weights import gather_plain_state_dict, named_plain_parameters
@@ -95,18 +93,12 @@ class PipelineTrainer(Trainer):
         super().save({OUTSIDE_KEY: self.outside, **(extra or {})})
 
     def export(self, out_dir: str) -> None:
-        """Collective: model.safetensors + model_config.json of every tensor, written by rank 0."""
-        from safetensors.torch import save_file
-
+        """Collective: model.safetensors + config.json of every tensor (checkpoint.plain.write_export),
+        written by rank 0."""
         full = gather_plain_state_dict(self.engine.module)
         if self.rank == 0:
             full.update(self.outside)
-            os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "model.safetensors")
-            save_file({k: v.contiguous() for k, v in merge_tables(full).items()}, path + ".tmp")  # the plain layout
-            os.replace(path + ".tmp", path)
-            with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-                json.dump(dataclasses.asdict(self.resolved.model), f, indent=2)
+            write_export(out_dir, full, self.resolved.model)
         dist.barrier()
 
     def _evaluate(self, progress) -> None:

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from vlmo_large.checkpoint.plain import CONFIG_NAME
 from vlmo_large.errors import UserError
 from vlmo_large.formats.io import CheckpointError
 from vlmo_large.model import build_model
@@ -305,7 +306,7 @@ class Trainer:
         if self.rank == 0:
             self.tracker.log_artifact(os.path.join(cfg.output_dir, "metrics.jsonl"))
             if export:
-                self.tracker.log_artifact(os.path.join(cfg.output_dir, "export", "model_config.json"))
+                self.tracker.log_artifact(os.path.join(cfg.output_dir, "export", CONFIG_NAME))
 
 
 def _skipped_text(item) -> str:
