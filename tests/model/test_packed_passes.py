@@ -19,7 +19,7 @@ from vlmo_large.model.backbone import MoMEBackbone
 from vlmo_large.model.relative_position import (RelativePositionBias, image_relative_index, pair_relative_index,
                                                 text_relative_index)
 from vlmo_large.parallel.parallelize import ExecutionPlan, parallelize
-from vlmo_large.training.objectives import PretrainingObjective
+from vlmo_large.training.objectives import TaskObjective
 from vlmo_large.training.random_batches import random_batch
 
 
@@ -85,7 +85,7 @@ def test_separated_attention_equals_two_attention_calls(backend, queries):
 # -- stage 3: losses and gradients ------------------------------------------------------------------
 def _stage3_losses_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    losses = PretrainingObjective(model, "vl", seed=1)(batch, step=0)
+    losses = TaskObjective(model, "vl", seed=1)(batch, step=0)
     losses["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: v.detach() for k, v in losses.items()}, grads

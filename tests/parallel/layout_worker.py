@@ -91,7 +91,7 @@ def main(weights_path: str, out_dir: str, tp: int, zero: int) -> None:
     from vlmo_large.parallel.sharding import gather_full_state_dict, local_state_dict
     from vlmo_large.training.engine import build_engine, is_zero3
     from vlmo_large.training.freezing import apply_stage_freezing
-    from vlmo_large.training.objectives import PretrainingObjective
+    from vlmo_large.training.objectives import TaskObjective
     from vlmo_large.training.validation import resolve_run
 
     state.ensure_initialized(tp, 1)
@@ -102,7 +102,7 @@ def main(weights_path: str, out_dir: str, tp: int, zero: int) -> None:
     model = build_model(resolved.model, tp_group=state.tp_group()).train()
     model.load_state_dict(local_state_dict(model, load_file(weights_path), state.tp_rank(), state.tp_size()))
     apply_stage_freezing(model, "vl")
-    objective = PretrainingObjective(model, "vl", group=state.dp_group(), seed=SEED)
+    objective = TaskObjective(model, "vl", group=state.dp_group(), seed=SEED)
     engine = build_engine(objective, resolved, cfg)
     assert engine.zero_optimization_stage() == zero
     if zero == 0 and dp == 1:  # nothing to average: the step below runs without DeepSpeed's all-reduce

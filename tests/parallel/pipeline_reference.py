@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tests.parallel.pipeline_worker import CLIP, MICRO_BATCHES, OPTIMIZER, WEIGHT_DECAY, stage_batches
 from vlmo_large.model import build_model
 from vlmo_large.training.freezing import apply_stage_freezing
-from vlmo_large.training.objectives import PretrainingObjective
+from vlmo_large.training.objectives import TaskObjective
 from vlmo_large.training.optimization import param_groups
 
 
@@ -20,7 +20,7 @@ def reference_step(weights_path: str, stage: str):
     model = build_model("tiny").train()
     model.load_state_dict(load_file(weights_path))
     apply_stage_freezing(model, stage)
-    objective = PretrainingObjective(model, stage, seed=0)
+    objective = TaskObjective(model, stage, seed=0)
     sums = {}
     for mb in stage_batches(model.cfg, stage):
         out = objective(mb, step=0)

@@ -62,7 +62,7 @@ def reference_step(weights_path: str, negatives: list[torch.Tensor]):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(losses, "sample_hard_negatives", replayed)
-        out = objectives.PretrainingObjective(model, "vl", seed=SEED)(global_batch(model.cfg), step=0)
+        out = objectives.TaskObjective(model, "vl", seed=SEED)(global_batch(model.cfg), step=0)
     assert next(replay, None) is None, "the reference made fewer ITM draws than the ranks"
     out["loss"].backward()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,7 +1,7 @@
 """DeepSpeed pipeline (PP=2, and TP=2 x PP=2) equals one process: losses, loss terms and weights after
 one ZeRO-1 AdamW step with gradient clipping, for pretraining stages vl (ITC over the global batch,
 ITM with hard negatives, MLM), mim and text_mlm. Real processes under torchrun, gloo, fp32, tiny
-preset; the reference is training/'s PretrainingObjective on plain VLMo in this process."""
+preset; the reference is training/'s TaskObjective on plain VLMo in this process."""
 import os
 
 import pytest

@@ -17,7 +17,7 @@ from profile_breakdown import CATEGORIES, category, format_breakdown, summarize_
 from tests.conftest import randomize_  # noqa: E402
 from tests.parallel.layout_worker import global_batch  # noqa: E402
 from vlmo_large.model import build_model  # noqa: E402
-from vlmo_large.training.objectives import PretrainingObjective  # noqa: E402
+from vlmo_large.training.objectives import TaskObjective  # noqa: E402
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 
@@ -26,7 +26,7 @@ GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matm
 def cpu_profile(tmp_path_factory):
     torch.manual_seed(0)
     model = randomize_(build_model("tiny")).train()
-    objective = PretrainingObjective(model, "vl")
+    objective = TaskObjective(model, "vl")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = global_batch(model.cfg)
 

@@ -30,7 +30,7 @@ def reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_itc(out: str) -> None:
-    from vlmo_large.training.objectives import contrastive_loss
+    from vlmo_large.tasks.losses import contrastive_loss
 
     rank, world = dist.get_rank(), dist.get_world_size()
     heads = fresh_heads()
@@ -44,7 +44,7 @@ def check_itc(out: str) -> None:
 
 
 def check_itm(out: str) -> None:
-    from vlmo_large.training.objectives import itm_pairs
+    from vlmo_large.tasks.losses import itm_pairs
 
     rank = dist.get_rank()
     batch, i2t, t2i = itm_inputs(rank, dist.get_world_size())

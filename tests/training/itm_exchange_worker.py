@@ -1,5 +1,5 @@
 """Runs inside every rank of `torchrun --nproc_per_node 2` (gloo): ITM negative images fetched by
-all-to-all (collectives.gather_global_rows, objectives.itm_pairs). Each rank saves what it got to
+all-to-all (collectives.gather_global_rows, tasks.losses.itm_pairs). Each rank saves what it got to
 <out>/rank<r>.pt; test_itm_negatives_exchange.py checks it against one process's indexing.
 
     torchrun --standalone --nproc_per_node 2 tests/training/itm_exchange_worker.py OUT_DIR
@@ -14,7 +14,7 @@ import torch.distributed as dist  # noqa: E402
 
 from tests.training.common import GLOBAL_BATCH, ITM_TRIALS, itm_inputs  # noqa: E402
 from vlmo_large.parallel.collectives import gather_global_rows  # noqa: E402
-from vlmo_large.training.objectives import itm_pairs  # noqa: E402
+from vlmo_large.tasks.losses import itm_pairs  # noqa: E402
 
 ROW_TRIALS = 12
 

@@ -78,7 +78,7 @@ def test_the_projects_rule_behind_the_switch_exempts_q_bias_too():
 @pytest.mark.parametrize("rule", ["reference", "vlmo_large"])
 def test_param_groups_split_the_trainable_parameters_by_the_rule(rule):
     objective = nn.Module()
-    objective.model = build_model("tiny")  # named "model.*", as PretrainingObjective names them
+    objective.model = build_model("tiny")  # named "model.*", as TaskObjective names them
     apply_stage_freezing(objective.model, "text_mlm")
     groups = {g["name"]: g for g in param_groups(objective, 0.05, rule)}
     names = {id(p): n for n, p in objective.named_parameters()}

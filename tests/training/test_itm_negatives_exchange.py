@@ -9,7 +9,7 @@ from tests.training.common import GLOBAL_BATCH, ITM_TRIALS, itm_inputs
 from tests.training.conftest import REPO, run_torchrun
 from tests.training.itm_exchange_worker import global_rows, wanted_rows
 from vlmo_large.parallel.collectives import gather_global_rows
-from vlmo_large.training.objectives import sample_hard_negatives
+from vlmo_large.tasks.losses import sample_hard_negatives
 
 WORLD = 2
 

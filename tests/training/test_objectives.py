@@ -9,7 +9,7 @@ from tests.conftest import randomize_
 from vlmo_large.model import build_model
 from vlmo_large.training import checkpointing
 from vlmo_large.training.freezing import apply_stage_freezing
-from vlmo_large.training.objectives import mlm_loss, normalized_pixel_targets, sample_hard_negatives
+from vlmo_large.tasks.losses import mlm_loss, normalized_pixel_targets, sample_hard_negatives
 from vlmo_large.training.optimization import WarmupDecay, param_groups
 
 
@@ -120,7 +120,7 @@ def test_hard_negatives_of_non_finite_rows_are_uniform_over_the_other_columns():
 
 
 def test_itm_pairs_can_skip_candidates_with_the_positives_text():
-    from vlmo_large.training.objectives import itm_pairs
+    from vlmo_large.tasks.losses import itm_pairs
     B, T = 6, 5
     ids = torch.arange(B * T).view(B, T)
     ids[3] = ids[0]  # texts 0, 3 and 5 are the same caption
@@ -169,7 +169,7 @@ def test_the_config_switch_reaches_the_vl_objective(monkeypatch):
     monkeypatch.setattr(vl, "itm_pairs", recording)  # where the vl task looks it up
     for skip in (cfg.loss.itm_skip_identical_text, False):
         drawn.clear()
-        objective = objectives.PretrainingObjective(model, "vl", LossWeights(itm_skip_identical_text=skip), seed=1)
+        objective = objectives.TaskObjective(model, "vl", LossWeights(itm_skip_identical_text=skip), seed=1)
         with torch.no_grad():
             for step in range(12):
                 objective(batch, step)

@@ -8,7 +8,7 @@ from tests.conftest import randomize_
 from vlmo_large.config import get_preset
 from vlmo_large.data.masking import max_masked_tokens
 from vlmo_large.model import build_model
-from vlmo_large.training.objectives import PretrainingObjective
+from vlmo_large.training.objectives import TaskObjective
 from vlmo_large.training.random_batches import random_batch
 from vlmo_large.training.step_flops import peak_tflops, step_flops
 
@@ -87,7 +87,7 @@ def test_a_real_step_counts_the_formula_plus_its_known_extra_work(stage):
     batch = random_batch("image" if stage == "mim" else "image_text", cfg, 3, torch.Generator().manual_seed(1))
     if stage != "mim":
         batch["text_mask"][:] = 1
-    objective = PretrainingObjective(model, stage, mlm_prob=0.15)
+    objective = TaskObjective(model, stage, mlm_prob=0.15)
     with FlopCounterMode(display=False) as counter:
         objective(batch, step=0)["loss"].backward()
     B, T = 3, 32

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tests.conftest import randomize_
 from vlmo_large.data.masking import IGNORE_INDEX, max_masked_tokens, whole_word_mlm
 from vlmo_large.model import build_model
-from vlmo_large.training.objectives import (PretrainingObjective, itm_labels, masked_patch_loss, masked_slots,
-                                            mlm_loss)
+from vlmo_large.tasks.losses import itm_labels, masked_patch_loss, masked_slots, mlm_loss
+from vlmo_large.training.objectives import TaskObjective
 from vlmo_large.training.random_batches import random_batch
 
 ALLOWED_CALLERS = {"_padding_mask"}
@@ -76,7 +76,7 @@ def test_forward_and_backward_of_a_step_read_nothing_on_the_host(stage, no_host_
     model = randomize_(build_model("tiny"))
     batch = random_batch("image" if stage == "mim" else "image_text", model.cfg, 4, torch.Generator().manual_seed(3))
     assert stage == "mim" or (batch["text_mask"] == 0).any(), "a padded batch: the key-mask path runs"
-    objective = PretrainingObjective(model, stage, seed=1, mlm_prob=0.15)  # random_batch's rate
+    objective = TaskObjective(model, stage, seed=1, mlm_prob=0.15)  # random_batch's rate
     no_host_reads()
     out = objective(batch, step=2)
     out["loss"].backward()

@@ -1,18 +1,14 @@
 """What DeepSpeed wraps: the model and one task (vlmo_large/tasks/), as a module.
 
-The losses themselves live with the tasks (tasks/losses.py and one file per task); the names below
-are re-exported for the callers that import them from here.
+The losses themselves live with the tasks (tasks/losses.py and one file per task).
 """
 from __future__ import annotations
 
 import torch
 
 from vlmo_large.data.masking import max_masked_tokens
-from vlmo_large.tasks.base import EncoderPass, StepContext, Task  # noqa: F401 (re-exported)
+from vlmo_large.tasks.base import StepContext
 from vlmo_large.tasks.loss_weights import LossWeights
-from vlmo_large.tasks.losses import (IGNORE, ITM_PAIRS, contrastive_loss, itm_labels, itm_pairs,  # noqa: F401
-                                     masked_patch_loss, masked_slots, mlm_loss, normalized_pixel_targets,
-                                     patchify, positive_columns, sample_hard_negatives)
 from vlmo_large.tasks.registry import get_task
 
 
@@ -36,6 +32,3 @@ class TaskObjective(torch.nn.Module):
     def forward(self, batch: dict, step: int = 0) -> dict:
         ctx = StepContext(self.weights, self.group, self.seed, step, self.mlm_slots)
         return self.task.forward(self.model, batch, ctx)
-
-
-PretrainingObjective = TaskObjective  # the name tests and tools import

@@ -45,7 +45,7 @@ def mim_terms(head, patches, labels) -> dict:
 
 class PipelineLoss:
     """loss_fn of the pipeline module; `mode` is switched with the layers', `head` set on the last stage.
-    mlm_slots: the MLM head's fixed positions per row (objectives.mlm_loss); None: every position."""
+    mlm_slots: the MLM head's fixed positions per row (tasks/losses.py mlm_loss); None: every position."""
 
     def __init__(self, mode: str, weights: LossWeights = LossWeights(), mlm_slots: int | None = None):
         self.mode, self.weights, self.mlm_slots = mode, weights, mlm_slots

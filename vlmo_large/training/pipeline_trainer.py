@@ -65,7 +65,7 @@ class PipelineTrainer(Trainer):
             weights=full, weight_decay=cfg.optim.weight_decay, decay_rule=cfg.optim.decay_rule,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)))
         self.engine.module.loss_fn.weights = cfg.loss
-        # the MLM head's fixed slot count, as PretrainingObjective sets it (no host sync per step)
+        # the MLM head's fixed slot count, as TaskObjective sets it (no host sync per step)
         self.engine.module.loss_fn.mlm_slots = max_masked_tokens(resolved.model.max_text_len, cfg.data.mlm_prob)
         self.runner = PipelineStep(self.engine, seed=cfg.seed,
                                    itm_skip_identical_text=cfg.loss.itm_skip_identical_text)
