@@ -14,7 +14,7 @@ import torch
 from vlmo_large.parallel.collectives import group_rank
 from vlmo_large.tasks.loss_weights import LossWeights
 
-DATA_KINDS = ("image", "text", "image_text")  # the data loader's kinds (data/loader.py)
+DATA_KINDS = ("image", "text", "image_text", "vqa", "nlvr2")  # the data loader's kinds (data/loader.py)
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,12 @@ class Task:
     def forward(self, model, batch: dict, ctx: StepContext) -> dict:
         """-> {"loss": the scalar to backpropagate, and each of `terms`: a detached-able scalar}."""
         raise NotImplementedError
+
+    def heads(self, cfg, options) -> dict:
+        """New modules this task adds to VLMo, by attribute name (e.g. a fine-tuning classifier;
+        names follow the reference layout, docs/MODEL.md section 7). cfg: the ModelConfig; options:
+        the run's TaskOptions (tasks/options.py). Default: none."""
+        return {}
 
     def head_flops(self, cfg, batch: dict, data_parallel: int) -> float:
         """Forward FLOPs of the task's heads over a host micro-batch (the encoders are counted from
