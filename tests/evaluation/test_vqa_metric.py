@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from vlmo_large.data.vqa_targets import soft_score, soft_targets, target_tensor
 from vlmo_large.evaluation.vqa_metric import (CONTRACTIONS, answer_vocabulary, mean_vqa_accuracy, normalize_answer,
-                                              soft_score, soft_score_loss, soft_targets, target_tensor, vqa_accuracy)
+                                              soft_score_loss, vqa_accuracy)
 
 
 @pytest.mark.parametrize("raw, normalised", [

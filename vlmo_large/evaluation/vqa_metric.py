@@ -18,7 +18,8 @@ taken from a normalised vocabulary this changes nothing).
 Accuracy of an answer against N human answers: min(#humans who gave it / 3, 1), averaged over the
 N leave-one-out subsets of N-1 humans (the official "10 choose 9" average). With 10 humans of whom
 m gave the answer this is 0, 0.3, 0.6, 0.9, 1 for m = 0, 1, 2, 3, >= 4: the reference's soft
-score (soft_score) is that same function of the count.
+score, the training target the loader makes (data/vqa_targets.py soft_score), is that same function
+of the count.
 """
 from __future__ import annotations
 
@@ -109,31 +110,6 @@ def answer_vocabulary(majority_answers: Iterable[str], min_count: int = 9) -> li
     of first occurrence (the classifier's row order)."""
     counts = Counter(normalize_answer(answer) for answer in majority_answers)
     return [answer for answer, count in counts.items() if count >= min_count]
-
-
-def soft_score(count: int) -> float:
-    """The reference's target for an answer `count` of the 10 humans gave (= its VQA accuracy)."""
-    if count < 0:
-        raise ValueError(f"an answer count cannot be negative, got {count}")
-    return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
-
-
-def soft_targets(human_answers: Sequence[str], vocabulary: dict[str, int] | Sequence[str]) -> dict[int, float]:
-    """{answer index: soft score} for one question; answers outside the vocabulary are dropped (the
-    reference also drops a training question left with none). As the reference, the human answers
-    are counted as written (VQA v2's are lowercase already)."""
-    index = vocabulary if isinstance(vocabulary, dict) else {answer: i for i, answer in enumerate(vocabulary)}
-    counts = Counter(human_answers)
-    return {index[answer]: soft_score(count) for answer, count in counts.items() if answer in index}
-
-
-def target_tensor(targets: Sequence[dict[int, float]], num_answers: int) -> torch.Tensor:
-    """[questions, num_answers] float32 rows from soft_targets' dicts (zeros elsewhere)."""
-    rows = torch.zeros(len(targets), num_answers)
-    for row, scores in enumerate(targets):
-        for answer, score in scores.items():
-            rows[row, answer] = score
-    return rows
 
 
 def soft_score_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
