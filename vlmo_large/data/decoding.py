@@ -26,11 +26,29 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-def image_bytes(record: dict) -> bytes:
+def image_bytes(record: dict, name: str | None = None) -> bytes:
+    """The record's image: `<key>.<ext>`, or `<key>.<name>.<ext>` when named (NLVR2's img0 / img1)."""
     for ext in IMAGE_EXTENSIONS:
-        if ext in record:
-            return record[ext]
+        member = f"{name}.{ext}" if name else ext
+        if member in record:
+            return record[member]
     raise SkipSample("missing_image")
+
+
+def json_fields(record: dict, fields: dict[str, type], reason: str) -> dict:
+    """The record's `json` member as an object holding each of `fields` with its type (bool is not an
+    int here); anything else is SkipSample(reason)."""
+    try:
+        meta = json.loads(record["json"].decode("utf-8"))
+    except (KeyError, UnicodeDecodeError, ValueError):
+        raise SkipSample(reason) from None
+    if not isinstance(meta, dict):
+        raise SkipSample(reason)
+    for name, kind in fields.items():
+        value = meta.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise SkipSample(reason)
+    return meta
 
 
 def decode_image(data: bytes, notes: list[str] | None = None) -> Image.Image:

@@ -1,8 +1,9 @@
 """Loader batches onto the training device: the copy, and the image normalisation done there.
 
-What a batch carries says how to treat it: an "image" tensor of dtype uint8 holds raw pixels
-0..255 (the loader with pixels="uint8", transforms.py) and is normalised here, after the copy;
-a floating "image" is already normalised (pixels="float", random_batches.py) and is only cast.
+What a batch carries says how to treat it: an "image" (or NLVR2's "image2") tensor of dtype uint8
+holds raw pixels 0..255 (the loader with pixels="uint8", transforms.py) and is normalised here,
+after the copy; a floating one is already normalised (pixels="float", random_batches.py) and is
+only cast.
 Moving uint8 pixels copies a quarter of the bytes of float32 ones (and pins a quarter of the
 host memory). On CUDA the copies are non_blocking: from pinned memory (the loader's
 pin_memory) they overlap with the step; from pageable memory they are plain copies.
@@ -49,7 +50,7 @@ def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
     for name, value in batch.items():
         if not torch.is_tensor(value):
             out[name] = value
-        elif name == "image":
+        elif name in ("image", "image2"):  # image2: NLVR2's second image
             out[name] = model_pixels(value, device, dtype, non_blocking)
         elif value.is_floating_point():
             out[name] = value.to(device, dtype, non_blocking=non_blocking)

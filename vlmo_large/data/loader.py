@@ -59,6 +59,7 @@ from vlmo_large.data.sample_processing import SampleProcessor, collate
 from vlmo_large.data.sample_stream import SampleStream, epoch_shard_order
 from vlmo_large.data.shard_list import expand_shards
 from vlmo_large.data.tar_reader import DEFAULT_TIMEOUT_S
+from vlmo_large.data.vqa_targets import load_answers
 from vlmo_large.data.worker_batches import WorkerBatches
 from vlmo_large.errors import UserError
 
@@ -290,8 +291,9 @@ def build_loader(kind: str, shards, batch_size: int, *, tokenizer=None, image_si
                  mlm_prob: float = 0.15, mim_ratio: float = 0.4, patch_size: int = 16,
                  drop_last: bool = True, shuffle_buffer: int = 1000, augment: str = "spec",
                  prefetch_factor: int = 2, shard_timeout: float = DEFAULT_TIMEOUT_S, pixels: str = "float",
-                 pin_memory: bool = False) -> StreamLoader:
-    """A resumable loader of `kind` in {"image_text", "image", "text"} batches (see module doc).
+                 pin_memory: bool = False, answers=None) -> StreamLoader:
+    """A resumable loader of `kind` in {"image_text", "image", "text", "vqa", "nlvr2"} batches (see
+    module doc; sample_processing lists each kind's fields).
 
     rank/world_size: the DATA-parallel rank and size (pass megatron's DP rank under tensor or
     pipeline parallelism); when omitted, torch.distributed's, else 0/1. `augment`: "spec",
@@ -299,13 +301,16 @@ def build_loader(kind: str, shards, batch_size: int, *, tokenizer=None, image_si
     URLs (shard_list); a shard that sends no byte for `shard_timeout` seconds is skipped and counted.
     `prefetch_factor`: batches each worker keeps ready. `pixels`: "float" (normalised) or "uint8"
     (normalise on the device: device_batch.to_device). `pin_memory`: page-locked batches (CUDA).
+    `answers`: kind "vqa"'s answer vocabulary, a list of strings or the path of a JSON list
+    (tools/make_shards.py vqa --answers); its order is the classifier's.
     """
     rank, world_size = _resolve_rank(rank, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     processor = SampleProcessor(kind, tokenizer, image_size, max_text_len, train=train,
                                 mlm_prob=mlm_prob, mim_ratio=mim_ratio, patch_size=patch_size,
-                                augment=augment, pixels=pixels)
+                                augment=augment, pixels=pixels,
+                                answers=load_answers(answers) if answers is not None else None)
     stream = SampleStream(expand_shards(shards), processor, rank=rank, world_size=world_size,
                           num_workers=num_workers, seed=seed, shuffle=train, shuffle_buffer=shuffle_buffer,
                           shard_timeout=shard_timeout)

@@ -21,9 +21,8 @@ CAPTION_FIELDS = ("caption", "captions")
 
 
 @dataclass
-class TableRows:
-    """Rows read from tables: (image path, captions, metadata), the skip counts, and where."""
-    rows: list[tuple[str, list[str], dict]] = field(default_factory=list)
+class SkipLog:
+    """What reading an input skipped: counts by reason, and each problem with where it was."""
     skipped: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # "table:line: reason (detail)"
 
@@ -32,7 +31,35 @@ class TableRows:
         self.problems.append(f"{where}: {reason} ({detail})")
 
 
-def _caption_list(value, where: str, out: TableRows) -> list[str]:
+@dataclass
+class TableRows(SkipLog):
+    """Rows read from tables: (image path, captions, metadata), the skip counts, and where."""
+    rows: list[tuple[str, list[str], dict]] = field(default_factory=list)
+
+
+def read_json(path: str, what: str):
+    """The JSON content of `path`; a file that cannot be read or parsed is a UserError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise UserError(f"{path}: the {what} is not valid JSON ({exc})") from exc
+
+
+def is_json_list(path: str) -> bool:
+    """Whether the file holds a JSON list (its first non-blank character is "["), told without parsing it:
+    the fine-tuning readers take a list (the synthetic format) or an object / JSON lines (the official one)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(4096).lstrip()[:1] == "["
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror})") from exc
+
+
+def caption_list(value, where: str, out: SkipLog) -> list[str]:
+    """The captions of a value (a string or a list): strings only, whitespace collapsed; the rest is skipped."""
     values = value if isinstance(value, list) else [value]
     captions = []
     for v in values:
@@ -60,7 +87,7 @@ def _read_csv(table: str, root: str, out: TableRows) -> None:
                 out.skip(where, "missing_image_field", "no image path")
                 continue
             meta = {k: v for k, v in row.items() if k not in ("image", "caption") and k is not None}
-            out.rows.append((os.path.join(root, row["image"]), _caption_list(row.get("caption") or "", where, out), meta))
+            out.rows.append((os.path.join(root, row["image"]), caption_list(row.get("caption") or "", where, out), meta))
 
 
 def _read_jsonl(table: str, root: str, out: TableRows) -> None:
@@ -86,7 +113,7 @@ def _read_jsonl(table: str, root: str, out: TableRows) -> None:
                 continue
             value = record["captions"] if "captions" in record else record["caption"]
             meta = {k: v for k, v in record.items() if k != "image" and k not in CAPTION_FIELDS}
-            out.rows.append((os.path.join(root, image), _caption_list(value, where, out), meta))
+            out.rows.append((os.path.join(root, image), caption_list(value, where, out), meta))
 
 
 def read_pair_table(table: str, image_root: str | None = None, out: TableRows | None = None) -> TableRows:

@@ -4,6 +4,10 @@ Shard contents by kind (what the loader reads):
     image_text: <key>.<jpg|png|webp> + <key>.txt (one caption) or <key>.json ({"captions": [...]})
     image:      <key>.<jpg|png|webp>
     text:       <key>.txt
+    vqa:        <key>.<jpg|png|webp> + <key>.json ({"question": str, "answers": [the human answers, 10 in
+                VQA v2, none in a test split], "qid": int}); one sample per question
+    nlvr2:      <key>.img0.<ext> (left image) + <key>.img1.<ext> (right image) + <key>.json ({"sentence": str,
+                "label": true|false, "id": the example's identifier}); one sample per statement
 `index.json` beside the shards: {"kind", "pattern", "samples", "shards": [{"name", "samples"}],
 "skipped": {reason: count}}. Every input problem is skipped and counted, never fatal. Extra table
 columns go into `<key>.meta.json`; a held-out split also gets `<prefix>-retrieval.json`.
@@ -80,12 +84,13 @@ class _Skip(Exception):
     pass
 
 
-def _image_entry(item: dict, max_side: int | None) -> tuple[str, bytes]:
-    if "image_bytes" in item:
-        data = item["image_bytes"]
+def _image_entry(source: str | bytes, max_side: int | None) -> tuple[str, bytes]:
+    """(extension, bytes) of an image given as a path or as its bytes."""
+    if isinstance(source, bytes):
+        data = source
     else:
         try:
-            with open(item["image"], "rb") as f:
+            with open(source, "rb") as f:
                 data = f.read()
         except OSError:
             raise _Skip("missing_image_file") from None
@@ -126,9 +131,15 @@ def _text(value) -> str:
 def _sample(kind: str, item: dict, key: str, max_side: int | None) -> tuple[dict, list[str]]:
     """The sample to write and its captions (image_text)."""
     sample, caps = {"__key__": key}, []
-    if kind in ("image_text", "image"):
-        ext, data = _image_entry(item, max_side)
+    if kind in ("image_text", "image", "vqa"):
+        ext, data = _image_entry(item["image_bytes"] if "image_bytes" in item else item["image"], max_side)
         sample[ext] = data
+    if kind == "nlvr2":
+        for number, source in enumerate(item["images"]):
+            ext, data = _image_entry(source, max_side)
+            sample[f"img{number}.{ext}"] = data
+    if kind in ("vqa", "nlvr2"):
+        sample["json"] = json.dumps(item["json"], ensure_ascii=False).encode()
     if kind == "image_text":
         for c in item.get("captions") or []:
             try:
@@ -188,12 +199,14 @@ def pack_shards(items: Sequence[dict], out_dir: str, kind: str, *, samples_per_s
                 retrieval_json: bool = False, skipped_before: dict | None = None) -> dict:
     """Write `items` as shards `<out_dir>/<prefix>-NNNNNN.tar` plus `<prefix>-index.json`;
     return the index. Items: {"image": path | "image_bytes": bytes, "captions": [...],
-    "text": str|bytes, "key": optional, "meta": {column: value}, "extra": {ext: bytes}}. A fixed
+    "text": str|bytes, "key": optional, "meta": {column: value}, "extra": {ext: bytes}}; vqa:
+    {"image"|"image_bytes", "json": {...}}, nlvr2: {"images": [left, right] (paths or bytes), "json": {...}}
+    (the module doc has the json fields; the readers vqa_tables / nlvr2_tables make these). A fixed
     `mtime` makes the shard bytes reproducible (default: the current time). retrieval_json
     (image_text, one item per image): also write `<prefix>-retrieval.json` (retrieval_gold), its path
     in the index as "retrieval_json". skipped_before: counts of what was skipped before packing
     (bad table rows), added to the index's."""
-    if kind not in ("image_text", "image", "text"):
+    if kind not in ("image_text", "image", "text", "vqa", "nlvr2"):
         raise ValueError(f"unknown kind {kind!r}")
     os.makedirs(out_dir, exist_ok=True)
     jobs = []

@@ -11,8 +11,10 @@ leaves the other portions unchanged):
   (text samples are 1-6 caption sentences, a small "document" for stage-2 MLM);
 - retrieval: held-out images with `retrieval_captions` captions each, as an image_text shard with
   all captions together, plus retrieval.json (image keys, texts, gold img2txt / txt2img);
-- vqa/{train,val}.json: {"image", "question", "answer", "answers"}, and nlvr2/{train,val}.json:
-  {"images": [left, right], "sentence", "label"}; image paths are relative to the JSON file;
+- vqa/{train,val}.json: {"qid", "image", "question", "answer", "answers"}, and nlvr2/{train,val}.json:
+  {"id", "images": [left, right], "sentence", "label"}; image paths are relative to the JSON file; the
+  same packed as shards of the loader's kinds "vqa" and "nlvr2" (vqa/<split>-NNNNNN.tar, nlvr2/...,
+  manifest[task]["<split>_shards"]), and vqa/answers.json, every answer (the loader's `answers`);
 - tokenizer.model: SentencePiece trained on all the text (vocabulary far below the tiny preset's 1024);
 - manifest.json listing every path (absolute) and the arguments it was made with.
 Captions name sides and colours, so train with augment="light" (no flips or colour operations).
@@ -24,11 +26,15 @@ import os
 import random
 import time
 
+from vlmo_large.data.nlvr2_tables import read_nlvr2
+from vlmo_large.data.pair_tables import SkipLog
 from vlmo_large.data.sentencepiece_training import train_sentencepiece
 from vlmo_large.data.shard_packing import pack_shards
 from vlmo_large.data.synthetic_scenes import caption, png_bytes, question, render, sample_scene, statement
+from vlmo_large.data.vqa_tables import read_vqa
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # 2: vqa / nlvr2 shards; a manifest of another format is made again
 
 
 def _pairs(rng: random.Random, n: int, size: int, captions_per_image: int = 1) -> list[dict]:
@@ -93,7 +99,8 @@ def _complete(out_dir: str, args: dict) -> dict | None:
         return None
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get("args") != args or not all(os.path.exists(p) for p in manifest["files"]):
+    if (manifest.get("format") != FORMAT or manifest.get("args") != args
+            or not all(os.path.exists(p) for p in manifest["files"])):
         return None
     return manifest
 
@@ -132,7 +139,7 @@ def make_synthetic(out_dir: str, *, num_pairs: int = 2000, num_images: int | Non
         ("text", "val"): _documents(rng("texts-val"), num_val),
         ("image_text", "retrieval"): _pairs(rng("retrieval"), num_retrieval, image_size, retrieval_captions),
     }
-    manifest: dict = {"args": args, "image_size": image_size, "recommended_augment": "light", "files": []}
+    manifest: dict = {"format": FORMAT, "args": args, "image_size": image_size, "recommended_augment": "light", "files": []}
     for (kind, split), items in portions.items():
         index = pack_shards(items, os.path.join(out_dir, kind if split != "retrieval" else "retrieval"), kind,
                             samples_per_shard=samples_per_shard, prefix=split,
@@ -157,6 +164,8 @@ def make_synthetic(out_dir: str, *, num_pairs: int = 2000, num_images: int | Non
         for split, n in (("train", count), ("val", max(1, count // 5))):
             entries = make(rng(f"{task}-{split}"), n, image_size, folder, split)
             manifest[task][split] = _write_json(out_dir, f"{task}/{split}.json", entries, manifest)
+            manifest[task][f"{split}_shards"] = _pack_task(task, manifest[task][split], split, samples_per_shard,
+                                                           progress, manifest)
     vqa_answers = sorted({e["answer"] for s in ("train", "val") for e in _read_json(manifest["vqa"][s])})
     manifest["vqa"]["answers"] = _write_json(out_dir, "vqa/answers.json", vqa_answers, manifest)
 
@@ -175,6 +184,18 @@ def make_synthetic(out_dir: str, *, num_pairs: int = 2000, num_images: int | Non
         json.dump(manifest, f, indent=1)
     os.replace(os.path.join(out_dir, MANIFEST + ".tmp"), os.path.join(out_dir, MANIFEST))
     return manifest
+
+
+def _pack_task(task: str, listing: str, split: str, samples_per_shard: int, progress: bool, manifest: dict) -> str:
+    """Shards of kind `task` ("vqa" / "nlvr2") from the split's JSON list, beside it; their pattern."""
+    log = SkipLog()
+    items = read_vqa(listing, None, None, log) if task == "vqa" else read_nlvr2(listing, None, log)
+    if log.problems:
+        raise RuntimeError(f"synthetic {task} {split}: {log.problems[0]}")  # a bug here, never bad input
+    index = pack_shards(items, os.path.dirname(listing), task, samples_per_shard=samples_per_shard, prefix=split,
+                        key_prefix=f"{task}-{split}-", progress=progress, mtime=0.0)
+    manifest["files"] += [os.path.join(os.path.dirname(listing), s["name"]) for s in index["shards"]]
+    return index["pattern"]
 
 
 def _write_json(out_dir: str, rel: str, obj, manifest: dict) -> str:

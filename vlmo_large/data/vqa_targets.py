@@ -8,12 +8,12 @@ itself is built by evaluation/vqa_metric.py answer_vocabulary (tools/make_shards
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Sequence
 
 import torch
 
+from vlmo_large.data.pair_tables import read_json
 from vlmo_large.errors import UserError
 
 
@@ -45,13 +45,7 @@ def target_tensor(targets: Sequence[dict[int, float]], num_answers: int) -> torc
 def load_answers(answers) -> list[str]:
     """The answer vocabulary: a list of strings, or the path of a JSON file holding one."""
     if isinstance(answers, str):
-        try:
-            with open(answers, encoding="utf-8") as f:
-                answers = json.load(f)
-        except OSError as exc:
-            raise UserError(f"VQA answer vocabulary {answers}: cannot read it ({exc.strerror})") from exc
-        except ValueError as exc:
-            raise UserError(f"VQA answer vocabulary {answers}: not valid JSON ({exc})") from exc
+        answers = read_json(answers, "VQA answer vocabulary")
     if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
         raise UserError("the VQA answer vocabulary must be a non-empty JSON list of strings "
                         "(tools/make_shards.py vqa ... --answers writes one)")
