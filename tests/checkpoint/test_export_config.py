@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import randomize_
-from vlmo_large.checkpoint.plain import CONFIG_NAME, LEGACY_EXPORT_CONFIG, PlainCheckpoint, write_export
+from vlmo_large.checkpoint.plain import CONFIG_NAME, LEGACY_EXPORT_CONFIG, PREPROCESSING_NAME, PlainCheckpoint, write_export
 from vlmo_large.formats.rel_pos_tables import MERGED, split_tables
 from vlmo_large.model import build_model
 
@@ -15,7 +15,7 @@ from vlmo_large.model import build_model
 def test_export_folder_carries_its_config_and_the_merged_table(tmp_path):
     model = randomize_(build_model("tiny", drop_path_rate=0.0))
     write_export(str(tmp_path), model.state_dict(), model.cfg)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, "model.safetensors"]  # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, "model.safetensors", PREPROCESSING_NAME]  # no temporary files left
     ckpt = PlainCheckpoint(str(tmp_path))
     assert ckpt.config() == model.cfg
     on_disk = load_file(str(tmp_path / "model.safetensors"))

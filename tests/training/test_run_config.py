@@ -25,7 +25,7 @@ def resolve(overrides, ds=DS_ZERO3, world=1, text=None, tmp_path=None):
 
 @pytest.mark.parametrize("overrides, ds, world, message", [
     (["optim.lrr=1"], DS_ZERO3, 1, "unknown config key 'optim.lrr'"),
-    (["schedule.steps=abc"], DS_ZERO3, 1, "config key 'schedule.steps' must be int, got str 'abc'"),
+    (["schedule.steps=abc"], DS_ZERO3, 1, "config key 'schedule.steps' must be int or null, got str 'abc'"),
     (["seed=1.5"], DS_ZERO3, 1, "config key 'seed' must be int"),
     (["model.num_headz=3"], DS_ZERO3, 1, "unknown config key 'model.num_headz' (known in this section: "),
     (["batch.micro=3"], {"train_batch_size": 8, **DS_ZERO3}, 2,
@@ -105,7 +105,8 @@ def test_launcher_prints_one_error_line_and_exits_2(tmp_path):
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown config key 'schedule.stepz' (known in this section: decay, min_lr_ratio, steps, warmup)"]
+        "error: unknown config key 'schedule.stepz' (known in this section: decay, epoch_samples, epochs, min_lr_ratio, "
+        "steps, warmup, warmup_ratio)"]
 
 
 def test_launcher_reports_a_missing_ds_config(tmp_path):

@@ -5,12 +5,16 @@ files and a `model.safetensors.index.json` (HF's layout: {"metadata": {"total_si
 "weight_map": {tensor: file}}). `config.json` holds the ModelConfig fields and the naming
 ("vlmo_large" or "reference"). Reading is lazy, one tensor at a time, by the model's names: the
 merged relative table on disk reads as each block's own (formats/rel_pos_tables.py).
+A training export (write_export) also carries preprocessing.json, the tokenizer, task.json and a
+MODEL_CARD.md, so evaluation and `--init` need no other flag.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -26,6 +30,12 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LEGACY_EXPORT_CONFIG = "model_config.json"  # what training exports named config.json until 2026-12
 NAMING_KEY = "naming"  # in config.json: which tensor names the files use
+# an export's other files (write_export)
+PREPROCESSING_NAME = "preprocessing.json"
+TOKENIZER_NAMES = ("tokenizer.model", "vocab.txt")  # SentencePiece, WordPiece
+TASK_NAME = "task.json"
+ANSWERS_NAME = "answers.json"
+CARD_NAME = "MODEL_CARD.md"
 
 
 def config_to_dict(cfg: ModelConfig, naming: str = "vlmo_large") -> dict:
@@ -65,22 +75,109 @@ def write_plain(out_dir: str, entries: list[tuple[str, tuple, torch.dtype]],
     return files
 
 
-def write_export(out_dir: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> str:
+@dataclass
+class ExportExtras:
+    """What a training run adds to its export besides the weights, so that readers need no other
+    flag: the tokenizer to copy, the task and its options (a VQA answer vocabulary is copied), and
+    the model card's facts (preset, data, steps, final metrics)."""
+    tokenizer: str | None = None
+    task: str | None = None
+    task_options: dict = field(default_factory=dict)
+    card: dict = field(default_factory=dict)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
+def preprocessing_of(cfg: ModelConfig) -> dict:
+    """How images and text reach the model at evaluation (data/transforms.py eval_transform)."""
+    from vlmo_large.data.transforms import MEAN, STD
+    return {"image_size": cfg.image_size, "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
+            "crop": "squash", "max_text_len": cfg.max_text_len}
+
+
+def write_export(out_dir: str, state: dict[str, torch.Tensor], cfg: ModelConfig,
+                 extras: ExportExtras | None = None) -> str:
     """What a training run exports at its end: the model's tensors in the plain layout (one
-    model.safetensors, the merged relative table) and config.json, the name every reader of plain
-    folders looks for, so the folder needs nothing else for `from-plain`, `--init` or evaluation.
-    Each file is written under a temporary name and renamed. Returns the safetensors path."""
+    model.safetensors, the merged relative table), config.json (the name every reader of plain
+    folders looks for) and preprocessing.json; with `extras` also the tokenizer, task.json (plus
+    the VQA answer vocabulary) and MODEL_CARD.md. The folder needs nothing else for `from-plain`,
+    `--init` or tools/evaluate.py. Each file is written under a temporary name and renamed.
+    Returns the safetensors path."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, SINGLE_NAME)
     save_file({k: v.contiguous() for k, v in merge_tables(state).items()}, path + ".tmp", metadata={"format": "pt"})
     os.replace(path + ".tmp", path)
-    config_path = os.path.join(out_dir, CONFIG_NAME)
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(config_to_dict(cfg), f, indent=2)
-    os.replace(config_path + ".tmp", config_path)
+    _write_atomic(os.path.join(out_dir, CONFIG_NAME), json.dumps(config_to_dict(cfg), indent=2))
+    _write_atomic(os.path.join(out_dir, PREPROCESSING_NAME), json.dumps(preprocessing_of(cfg), indent=2))
+    if extras is None:
+        return path
+    if extras.tokenizer:
+        name = TOKENIZER_NAMES[1] if extras.tokenizer.endswith(".txt") else TOKENIZER_NAMES[0]
+        _copy_atomic(extras.tokenizer, os.path.join(out_dir, name))
+    if extras.task:
+        options = dict(extras.task_options)
+        if options.get("answers"):
+            _copy_atomic(options["answers"], os.path.join(out_dir, ANSWERS_NAME))
+            options["answers"] = ANSWERS_NAME  # relative to the export folder
+        _write_atomic(os.path.join(out_dir, TASK_NAME), json.dumps({"task": extras.task, "options": options}, indent=2))
+    _write_atomic(os.path.join(out_dir, CARD_NAME), model_card(cfg, extras))
     return path
+
+
+def model_card(cfg: ModelConfig, extras: ExportExtras) -> str:
+    card = extras.card
+    lines = [f"# VLMo `{cfg.name}`" + (f", task `{extras.task}`" if extras.task else ""), "",
+             f"- preset: {cfg.name} ({cfg.depth} layers, width {cfg.embed_dim}, {cfg.image_size} px, "
+             f"text {cfg.max_text_len} tokens)"]
+    for key in ("init", "data", "steps", "global_batch"):
+        if card.get(key) is not None:
+            lines.append(f"- {key.replace('_', ' ')}: {card[key]}")
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["", "| final metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "Files: model.safetensors (plain layout), config.json, preprocessing.json"
+              + (", the tokenizer" if extras.tokenizer else "") + (", task.json" if extras.task else "")
+              + ". Evaluate with `python tools/evaluate.py <this folder> --task <task> --data <shards>`."]
+    return "\n".join(lines) + "\n"
+
+
+def export_file(folder: str, name: str) -> str | None:
+    path = os.path.join(folder, name)
+    return path if os.path.isfile(path) else None
+
+
+def export_tokenizer(folder: str) -> str | None:
+    """The tokenizer an export carries, or None."""
+    return next((p for p in (export_file(folder, n) for n in TOKENIZER_NAMES) if p), None)
+
+
+def export_json(folder: str, name: str) -> dict | None:
+    """preprocessing.json or task.json of an export (None when absent); task.json's answer
+    vocabulary comes back as a path."""
+    path = export_file(folder, name)
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    answers = (values.get("options") or {}).get("answers") if name == TASK_NAME else None
+    if answers:
+        values["options"]["answers"] = os.path.join(folder, answers)
+    return values
 
 
 def write_plain_dict(out_dir: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from vlmo_large.parallel import state
-from vlmo_large.training.optimization import WarmupDecay, param_groups
+from vlmo_large.training.optimization import WarmupDecay, run_param_groups
 from vlmo_large.training.run_config import RunConfig
 from vlmo_large.training.validation import ResolvedRun
 
@@ -63,12 +63,13 @@ def with_torch_fused_adamw(ds_config: dict) -> dict:
     return ds_config
 
 
-def build_engine(objective: torch.nn.Module, resolved: ResolvedRun, cfg: RunConfig):
-    """deepspeed.initialize with AdamW groups over the trainable parameters and warmup + decay."""
+def build_engine(objective: torch.nn.Module, resolved: ResolvedRun, cfg: RunConfig, heads=()):
+    """deepspeed.initialize with AdamW groups over the trainable parameters (`heads`: the task's
+    new modules, for optim.head_lr_mult) and warmup + decay."""
     import deepspeed
 
     prepare_deepspeed(dist.get_rank() if dist.is_initialized() else 0)
-    groups = param_groups(objective, cfg.optim.weight_decay, cfg.optim.decay_rule)
+    groups = run_param_groups(objective, cfg.optim, resolved.model.depth, heads)
     schedule = WarmupDecay(cfg.schedule.warmup, cfg.schedule.steps, cfg.schedule.decay, cfg.schedule.min_lr_ratio)
     # DeepSpeed's grad-norm and checkpoints must know about TP; its pipeline engine refuses an mpu
     mpu = state.DeepSpeedMPU() if cfg.parallel.tp > 1 and cfg.parallel.pp == 1 else None

@@ -9,12 +9,19 @@ Which parameters get weight decay (`optim.decay_rule`):
   Parameters the reference does not have (the MIM head) take the same substrings on their own name.
 - "vlmo_large": this project's earlier rule (VLMO_LARGE_NO_DECAY): no decay for biases, every norm,
   layer scales, CLS / mask tokens, positions, the relative table and the temperatures.
+`optim.no_decay` adds glob patterns to either rule.
+
+Learning rates (fine-tuning): `optim.layer_decay` (BEiT's layer-wise decay) and `optim.head_lr_mult`
+(the task's new heads, e.g. the reference's 20x on the VQA / NLVR2 classifiers) give each group its
+own lr (run_param_groups); without them every group runs at optim.lr.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -49,14 +56,52 @@ def decays(name: str, rule: str = "reference") -> bool:
     raise ValueError(f"unknown weight-decay rule {rule!r}; choose one of {DECAY_RULES}")
 
 
-def param_groups(model: nn.Module, weight_decay: float, rule: str = "reference") -> list[dict]:
-    """Two AdamW groups over the trainable parameters only (frozen ones never reach the optimizer)."""
-    groups = {True: [], False: []}
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "reference", no_decay=(),
+                 lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """AdamW groups over the trainable parameters only (frozen ones never reach the optimizer):
+    "decay" and "no_decay" (`no_decay`: more exempt names, glob patterns), and with `lr_scale`
+    (name -> lr multiplier, lr_scales) one pair per multiplier, each group's `lr_scale` set."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups[decays(name, rule)].append(param)
-    return [g for g in ({"params": groups[True], "weight_decay": weight_decay, "name": "decay"},
-                        {"params": groups[False], "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
+            decayed = decays(name, rule) and not any(fnmatch.fnmatchcase(name, p) for p in no_decay)
+            groups.setdefault((decayed, lr_scale(name) if lr_scale else 1.0), []).append(param)
+    out = []
+    for decayed, scale in sorted(groups, key=lambda key: (not key[0], -key[1])):
+        name = ("decay" if decayed else "no_decay") + ("" if scale == 1.0 else f"@lr_x{scale:.6g}")
+        group = {"params": groups[decayed, scale], "weight_decay": weight_decay if decayed else 0.0, "name": name}
+        out.append({**group, "lr_scale": scale} if lr_scale else group)
+    return out
+
+
+_BLOCK = re.compile(r"(?:^|\.)backbone\.blocks\.(\d+)\.")
+_EMBEDDINGS = re.compile(r"(?:^|\.)backbone\.(patch_embed|text_embeddings|modality_embed)\.")
+
+
+def lr_scales(depth: int, layer_decay: float = 1.0, heads=(), head_lr_mult: float = 1.0) -> Callable[[str], float]:
+    """name -> lr multiplier: layer-wise decay (BEiT's: block i at layer_decay^(depth - i), the
+    embeddings at layer_decay^(depth + 1), the final norm, pooler and heads at 1) times
+    `head_lr_mult` for the modules named in `heads` (a task's new heads, Task.heads)."""
+    def scale(name: str) -> float:
+        parts = name.split(".")
+        if any(part in heads for part in parts[:2]):  # "vqa_classifier.0.weight", "model.vqa_classifier..."
+            return head_lr_mult
+        block = _BLOCK.search(name)
+        if block:
+            return layer_decay ** (depth - int(block.group(1)))
+        return layer_decay ** (depth + 1) if _EMBEDDINGS.search(name) else 1.0
+    return scale
+
+
+def run_param_groups(model: nn.Module, optim, depth: int, heads=()) -> list[dict]:
+    """The run config's groups (`optim`: its OptimConfig): decay rule and exemptions, and where
+    layer decay or a head multiplier is set, each group's own lr (optim.lr times its multiplier;
+    the schedule scales every group alike)."""
+    if optim.layer_decay == 1.0 and (optim.head_lr_mult == 1.0 or not heads):
+        return param_groups(model, optim.weight_decay, optim.decay_rule, optim.no_decay)
+    groups = param_groups(model, optim.weight_decay, optim.decay_rule, optim.no_decay,
+                          lr_scales(depth, optim.layer_decay, tuple(heads), optim.head_lr_mult))
+    return [{**g, "lr": optim.lr * g["lr_scale"]} for g in groups]
 
 
 @dataclass

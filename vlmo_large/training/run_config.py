@@ -20,6 +20,7 @@ import yaml
 from vlmo_large.config import ModelConfig
 from vlmo_large.errors import UserError
 from vlmo_large.tasks.loss_weights import LossWeights
+from vlmo_large.tasks.options import TaskOptions
 
 DECAY_RULES = ("reference", "vlmo_large")  # optim.decay_rule: training/optimization.py
 
@@ -67,12 +68,19 @@ class OptimConfig:
     decay_rule: str = "reference"       # which parameters get weight decay: "reference" (the reference
     #   VLMo's: all but biases and the norm/norm1/norm2/LayerNorm weights) or "vlmo_large" (also exempts
     #   expert norms, layer scales, logit scales, CLS/mask tokens, positions); training/optimization.py
+    no_decay: list[str] = field(default_factory=list)  # more exemptions: glob patterns over parameter names
+    head_lr_mult: float = 1.0           # lr multiplier of the task's new heads (Task.heads; the reference: 20 for VQA/NLVR2)
+    layer_decay: float = 1.0            # layer-wise lr decay: block i at decay^(depth - i), embeddings decay^(depth + 1),
+    #   final norm, pooler and heads 1.0; 1.0 turns it off
 
 
 @dataclass
 class ScheduleConfig:
-    steps: int = 1000                   # optimizer steps
-    warmup: int = 100
+    steps: Optional[int] = None         # optimizer steps; None: from epochs, else 1000 (resolve_run fills it in)
+    epochs: Optional[float] = None      # passes over epoch_samples: steps = ceil(epochs * epoch_samples / global batch)
+    epoch_samples: Optional[int] = None  # training samples in one epoch (set with epochs)
+    warmup: Optional[int] = None        # warmup steps; None: warmup_ratio of the steps, else 100
+    warmup_ratio: Optional[float] = None  # warmup as a fraction of the steps (the reference's 0.1)
     decay: str = "linear"               # "linear" or "cosine"
     min_lr_ratio: float = 0.0
 
@@ -99,11 +107,14 @@ class RunConfig:
     # ModelConfig fields that replace the preset's, e.g. {embed_dim: 512}: each key and value is
     # checked against ModelConfig as the other sections are (OVERRIDES_OF), only the given keys kept
     model: dict = field(default_factory=dict, metadata={OVERRIDES_OF: ModelConfig})
-    stage: str = "vl"                   # the task: "mim" (1), "text_mlm" (2), "vl" (3) or a plugin's (vlmo_large/tasks/)
+    stage: str = "vl"                   # the task: "mim" (1), "text_mlm" (2), "vl" (3), the fine-tuning tasks "vqa",
+    #   "nlvr2", "retrieval", or a plugin's (vlmo_large/tasks/)
+    task: TaskOptions = field(default_factory=TaskOptions)  # settings of the fine-tuning tasks (tasks/options.py)
     plugins: list[str] = field(default_factory=list)  # modules imported before the task is looked up (they register tasks)
     seed: int = 0
     output_dir: str = "runs/pretrain"
-    init: Optional[str] = None          # weights to start from: safetensors file/dir or DeepSpeed checkpoint dir
+    init: Optional[str] = None          # weights to start from: an export / plain or sharded folder, a DeepSpeed
+    #   checkpoint dir, a safetensors/torch file, or a reference VLMo file (training/initialization.py)
     resume: Optional[str] = None        # "auto" (newest complete checkpoint), a checkpoint dir, or None
     log_every: int = 10
     eval_every: int = 0                 # 0: no evaluation during training

@@ -8,6 +8,7 @@ arithmetic, then the files (shards, tokenizer against model.vocab_size, a writab
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tarfile
 import tempfile
@@ -166,10 +167,17 @@ def _check_ranges(cfg: RunConfig) -> None:
     s, optim, data = cfg.schedule, cfg.optim, cfg.data
     for ok, message in (
         (cfg.stage in task_names(), f"stage='{cfg.stage}' must be one of {', '.join(task_names())}"),
-        (s.steps >= 1, f"schedule.steps={s.steps} must be at least 1"),
-        (0 <= s.warmup, f"schedule.warmup={s.warmup} must be >= 0"),
-        (s.warmup <= s.steps, f"schedule.warmup={s.warmup} exceeds schedule.steps={s.steps}: the learning "
-                              f"rate would never reach optim.lr; set schedule.warmup to at most {s.steps}"),
+        (s.steps is None or s.steps >= 1, f"schedule.steps={s.steps} must be at least 1"),
+        (s.epochs is None or s.epochs > 0, f"schedule.epochs={s.epochs} must be positive"),
+        (s.epoch_samples is None or s.epoch_samples >= 1, f"schedule.epoch_samples={s.epoch_samples} must be at least 1"),
+        ((s.epochs is None) == (s.epoch_samples is None), "schedule.epochs and schedule.epoch_samples are set together "
+                                                          "(steps = ceil(epochs * epoch_samples / global batch))"),
+        (s.steps is None or s.epochs is None, f"schedule.steps={s.steps} and schedule.epochs={s.epochs} are both set: "
+                                              "give the length once, as steps or as epochs"),
+        (s.warmup is None or 0 <= s.warmup, f"schedule.warmup={s.warmup} must be >= 0"),
+        (s.warmup_ratio is None or 0.0 <= s.warmup_ratio <= 1.0, f"schedule.warmup_ratio={s.warmup_ratio} must lie in [0, 1]"),
+        (s.warmup is None or s.warmup_ratio is None, f"schedule.warmup={s.warmup} and schedule.warmup_ratio="
+                                                     f"{s.warmup_ratio} are both set: give the warmup once"),
         (s.decay in ("linear", "cosine"), f"schedule.decay='{s.decay}' must be 'linear' or 'cosine'"),
         (0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={s.min_lr_ratio} must lie in [0, 1]"),
         (optim.lr > 0, f"optim.lr={optim.lr} must be positive"),
@@ -180,6 +188,13 @@ def _check_ranges(cfg: RunConfig) -> None:
         (optim.grad_clip >= 0, f"optim.grad_clip={optim.grad_clip} must be >= 0 (0 turns clipping off)"),
         (optim.decay_rule in DECAY_RULES, f"optim.decay_rule='{optim.decay_rule}' must be one of "
                                           f"{', '.join(DECAY_RULES)}"),
+        (optim.head_lr_mult > 0, f"optim.head_lr_mult={optim.head_lr_mult} must be positive"),
+        (0.0 < optim.layer_decay <= 1.0, f"optim.layer_decay={optim.layer_decay} must lie in (0, 1] (1 turns it off)"),
+        (cfg.task.num_answers is None or cfg.task.num_answers >= 1,
+         f"task.num_answers={cfg.task.num_answers} must be at least 1"),
+        (cfg.task.rerank_k >= 0, f"task.rerank_k={cfg.task.rerank_k} must be >= 0 (0: dual encoder only)"),
+        (cfg.task.answers is None or os.path.isfile(cfg.task.answers),
+         f"task.answers: file not found: {cfg.task.answers}"),
         (0.0 < data.mlm_prob <= 1.0, f"data.mlm_prob={data.mlm_prob} must lie in (0, 1]"),
         (0.0 < data.mim_ratio < 1.0, f"data.mim_ratio={data.mim_ratio} must lie in (0, 1)"),
         (data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0 (0: load in the main process)"),
@@ -201,7 +216,7 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
         raise ConfigError(str(exc)) from exc.__cause__
     _check_ranges(cfg)
     try:  # the keys and types of cfg.model were checked when the run config was read
-        model_cfg = get_preset(cfg.preset, **cfg.model)
+        model_cfg = get_preset(cfg.preset, **cfg.model, **task_model_overrides(cfg))
     except ValueError as exc:
         raise ConfigError(f"preset: {exc}") from exc
     check_deepspeed_config(ds_config, ds_path)
@@ -217,18 +232,16 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
     _check(not (model_cfg.compile and zero == 3), "model.compile=true with zero_optimization.stage=3: ZeRO-3's "
            "parameter hooks are torch.compiler.disable'd functions, which a whole-graph compiled block cannot call "
            "(launchers/CLUSTER.md); use ZeRO-1 or 2 (as ds_configs/*_zero2_bf16.json) or model.compile=false")
-    if pp > 1:  # the pipeline's layers are written per pretraining stage (parallel/pipeline_layers.py)
-        from vlmo_large.parallel.pipeline_layers import STAGE_MODES
-        _check(cfg.stage in STAGE_MODES, f"stage '{cfg.stage}' with parallel.pp={pp}: the pipeline runs the "
-               f"pretraining stages only ({', '.join(STAGE_MODES)}); set parallel.pp=1")
-    _check(pp == 1 or not cfg.eval_every, f"eval_every={cfg.eval_every} with parallel.pp={pp}: evaluation during "
-           "training is not supported with pipeline parallelism; set eval_every=0 (evaluate the exported weights)")
+    _check(pp == 1 or get_task(cfg.stage).in_pieces, f"stage '{cfg.stage}' with parallel.pp={pp}: the task "
+           "implements forward only, and the pipeline calls its inputs/score (tasks/base.py); set parallel.pp=1")
     for key in RUN_OWNED:
         _check(key not in ds_config, f"the DeepSpeed config sets '{key}': set it in the run config (optim.*, schedule.*) instead")
     clip = ds_config.get("gradient_clipping")
     _check(clip in (None, "auto") or float(clip) == cfg.optim.grad_clip,
            f"gradient_clipping={clip} of the DeepSpeed config disagrees with optim.grad_clip={cfg.optim.grad_clip}")
     micro, accum = resolve_batch(cfg, ds_config, dp)
+    resolve_schedule(cfg, micro * accum * dp)
+    tokenizer_from_init(cfg)
     least = get_task(cfg.stage).min_global_batch
     if least > 1:
         _check(micro * dp >= least, f"stage '{cfg.stage}' needs at least {least} samples across data-parallel "
@@ -236,6 +249,38 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
     _check_files(cfg, model_cfg)
     return ResolvedRun(model_cfg, complete_ds_config(cfg, ds_config, micro, accum, dp),
                        world_size, dp, micro, accum)
+
+
+def task_model_overrides(cfg: RunConfig) -> dict:
+    """The ModelConfig fields the run's task needs (Task.model_overrides, e.g. NLVR2's third
+    modality row); a run config's `model` section that sets one of them otherwise is an error."""
+    needed = dict(getattr(get_task(cfg.stage), "model_overrides", None) or {})
+    for key, value in needed.items():
+        if cfg.model.get(key, value) != value:
+            raise ConfigError(f"model.{key}={cfg.model[key]} conflicts with stage '{cfg.stage}', which needs "
+                              f"{key}={value}; leave model.{key} unset")
+    return {k: v for k, v in needed.items() if k not in cfg.model}
+
+
+def resolve_schedule(cfg: RunConfig, global_batch: int) -> None:
+    """Fill in schedule.steps (from epochs, else 1000) and schedule.warmup (from warmup_ratio, else
+    100) in `cfg`, then check them together."""
+    s = cfg.schedule
+    if s.steps is None:
+        s.steps = math.ceil(s.epochs * s.epoch_samples / global_batch) if s.epochs is not None else 1000
+    if s.warmup is None:
+        s.warmup = round(s.warmup_ratio * s.steps) if s.warmup_ratio is not None else 100
+    _check(s.warmup <= s.steps, f"schedule.warmup={s.warmup} exceeds schedule.steps={s.steps}: the learning "
+                                f"rate would never reach optim.lr; set schedule.warmup to at most {s.steps}")
+
+
+def tokenizer_from_init(cfg: RunConfig) -> None:
+    """An export carries its tokenizer (checkpoint/plain.py write_export): a run started from one
+    needs no data.tokenizer."""
+    if cfg.data.tokenizer or not cfg.init or not os.path.isdir(cfg.init):
+        return
+    from vlmo_large.checkpoint.plain import export_tokenizer
+    cfg.data.tokenizer = export_tokenizer(cfg.init)
 
 
 def complete_ds_config(cfg: RunConfig, ds: dict, micro: int, accum: int, dp: int) -> dict:
