@@ -125,14 +125,16 @@ def _vqa(args) -> dict:
     for n, path in enumerate(args.inputs):
         items += read_vqa(path, args.annotations[n] if args.annotations else None, args.image_root, log)
     _report(log)
-    index = pack_shards(items, args.out, "vqa", prefix=args.prefix, key_prefix=args.key_prefix,
-                        skipped_before=dict(log.skipped), **_common(args))
-    if args.answers:
+    vocabulary = None
+    if args.answers:  # before packing: an empty vocabulary stops the tool with nothing written
         majority = [it["majority"] for it in items] + [a for p in args.answers_from for a in _majority_answers(p)]
         vocabulary = answer_vocabulary([a for a in majority if isinstance(a, str)], args.answers_min_count)
         if not vocabulary:
             raise UserError(f"no majority answer occurs {args.answers_min_count} times: the answer vocabulary "
                             "would be empty (annotations given? lower --answers-min-count)")
+    index = pack_shards(items, args.out, "vqa", prefix=args.prefix, key_prefix=args.key_prefix,
+                        skipped_before=dict(log.skipped), **_common(args))
+    if vocabulary is not None:
         index["answers"] = os.path.join(args.out, f"{args.prefix}-answers.json")
         with open(index["answers"], "w", encoding="utf-8") as f:
             json.dump(vocabulary, f, ensure_ascii=False)

@@ -12,10 +12,13 @@ from vlmo_large.data import build_loader, merge_loader_states
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
-def _loader(synthetic, tokenizer, rank, world=2, workers=2, batch_size=7, shards=None, **kw):
+def _loader(synthetic, tokenizer, rank, world=2, workers=2, batch_size=7, shards=None, kind="image_text", **kw):
     args = dict(tokenizer=tokenizer, image_size=64, max_text_len=32, rank=rank, world_size=world,
                 num_workers=workers, seed=7, shuffle_buffer=16, prefetch_factor=2)
-    return build_loader("image_text", shards or synthetic["image_text"]["train"], batch_size, **{**args, **kw})
+    if kind == "vqa":  # the fine-tuning kind with the most fields (soft targets, human answers)
+        args.update(answers=synthetic["vqa"]["answers"], augment="spec")
+        shards = shards or synthetic["vqa"]["train_shards"]
+    return build_loader(kind, shards or synthetic["image_text"]["train"], batch_size, **{**args, **kw})
 
 
 def _run(loader, stop_after=None):
@@ -66,13 +69,20 @@ def test_ranks_together_cover_the_epoch_once(synthetic, tokenizer):
     assert len(seen) == len(set(seen)) == len(expected) and set(seen) == expected
 
 
-def test_in_process_loader_resumes_exactly(synthetic, tokenizer):
-    full = _keys(_run(_loader(synthetic, tokenizer, 1, workers=0)))
-    first = _loader(synthetic, tokenizer, 1, workers=0)
+@pytest.mark.parametrize("kind, rank, world, batch_size", [("image_text", 1, 2, 7), ("vqa", 0, 1, 4)])
+def test_in_process_loader_resumes_exactly(synthetic, tokenizer, kind, rank, world, batch_size):
+    kw = dict(workers=0, world=world, batch_size=batch_size, kind=kind)
+    full = _run(_loader(synthetic, tokenizer, rank, **kw))
+    first = _loader(synthetic, tokenizer, rank, **kw)
     head = _run(first, stop_after=5)
-    second = _loader(synthetic, tokenizer, 1, workers=0)
+    second = _loader(synthetic, tokenizer, rank, **kw)
     second.load_state_dict(first.state_dict())
-    assert _keys(head) + _keys(_run(second)) == full
+    tail = _run(second)
+    assert _keys(head) + _keys(tail) == _keys(full)
+    for name in ("image", "text_ids", "vqa_targets", "vqa_answers"):  # augmentation included
+        if name in full[0]:
+            assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+                       for a, b in zip([b[name] for b in head + tail], [b[name] for b in full])), name
 
 
 def test_changed_layout_finishes_the_epoch_at_shard_granularity(synthetic, tokenizer):
