@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from vlmo_large.checkpoint import safe_engine
 from vlmo_large.checkpoint.deepspeed_reader import PARAM_NAMES
-from vlmo_large.checkpoint.plain import write_export
+from vlmo_large.checkpoint.plain import ExportExtras, write_export
 from vlmo_large.checkpoint.portable import STATE_FILE
 from vlmo_large.checkpoint.resume_checks import current_layout, describe, refuse_layout_change, tag_problem
 from vlmo_large.errors import UserError
@@ -259,15 +259,16 @@ def _reapply_scheduled_lr(engine) -> None:
 
 
 # -- plain weights --------------------------------------------------------------------------------
-def export_weights(engine, model, out_dir: str, zero3: bool) -> Optional[str]:
+def export_weights(engine, model, out_dir: str, zero3: bool, extras: Optional[ExportExtras] = None) -> Optional[str]:
     """Collective: full (TP-merged, ZeRO-3-gathered) weights of `model` as model.safetensors plus
-    config.json (checkpoint.plain.write_export), written by rank 0. Tensors keep the training dtype."""
+    config.json and `extras` (checkpoint.plain.write_export), written by rank 0. Tensors keep the
+    training dtype."""
     import deepspeed
 
     params = list(model.parameters())
     gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
     with gathered:
         full = gather_full_state_dict(model, state.tp_group())
-    path = write_export(out_dir, full, model.cfg) if _rank() == 0 else None
+    path = write_export(out_dir, full, model.cfg, extras) if _rank() == 0 else None
     _barrier()
     return path

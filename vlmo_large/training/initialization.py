@@ -1,9 +1,15 @@
 """`--init`: start a stage from weights of an earlier one.
 
-Accepted: a safetensors/torch weights file, a plain checkpoint folder (an export dir, a split
-folder with model.safetensors.index.json, or a `from-plain --tp N` sharded folder of any TP size),
-or a DeepSpeed checkpoint dir of any TP x ZeRO layout. Nothing is unpickled with code: DeepSpeed
-files go through this project's weights-only reader (vlmo_large/checkpoint).
+Accepted: a safetensors/torch weights file (this project's names or the reference VLMo's, converted
+in memory), a plain checkpoint folder (an export dir, a split folder with
+model.safetensors.index.json, or a `from-plain --tp N` sharded folder of any TP size), or a
+DeepSpeed checkpoint dir of any TP x ZeRO layout. Nothing is unpickled with code: DeepSpeed files go
+through this project's weights-only reader (vlmo_large/checkpoint).
+
+Fine-tuning starts from pretrained weights of another shape: the task's new heads are missing (they
+stay as initialised), the pretraining heads the task does not use are unused, and the relative
+tables / positions are resampled to the run's image size and NLVR2's third modality row added
+(formats/resize.py). The report lists each.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import os
 from vlmo_large.errors import UserError
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
 from vlmo_large.formats.rel_pos_tables import split_tables
+from vlmo_large.formats.resize import adapt_to_config
 from vlmo_large.parallel import state
 from vlmo_large.parallel.sharding import local_state_dict
 from vlmo_large.training.checkpointing import find_resume_tag
@@ -57,23 +64,42 @@ def load_init_weights(model, path: str) -> LoadReport:
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
         raise CheckpointError(f"--init {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
             from exc
-    from vlmo_large.formats.reference import our_name
-    renamed = [n for n in report.unexpected if our_name(n) in report.missing]
-    if renamed or not report.loaded:
-        raise CheckpointError(f"--init {path}: " + (f"tensor '{renamed[0]}' (and {len(renamed) - 1} more) uses the "
-                              "reference's names; convert it with `tools/convert_checkpoint.py import-reference`"
-                              if renamed else f"none of its tensors is one of the model's (first: "
-                              f"'{(report.unexpected or ['-'])[0]}')"))
+    if not report.loaded:
+        raise CheckpointError(f"--init {path}: none of its tensors is one of the model's (first: "
+                              f"'{(report.unexpected or ['-'])[0]}')")
     return report
+
+
+def is_reference_layout(names) -> bool:
+    """Whether tensor names are the reference VLMo's (docs/MODEL.md section 7): any name that only
+    the reference uses ("transformer.blocks.0.norm1.weight", "relative_position_bias_table", ...)."""
+    from vlmo_large.formats.reference import our_name
+    return any(our_name(n) not in (None, n) for n in names)
+
+
+def adapted_weights(full: dict, cfg, source: str) -> tuple[dict, list[str], list[str]]:
+    """Full tensors of any accepted source fitted to `cfg`: reference names converted
+    (formats/reference.py), relative tables and positions resampled to the image size, modality rows
+    added (formats/resize.py). Returns (state, unused reference names, conversion notes)."""
+    unused, notes = [], []
+    if is_reference_layout(full):
+        from vlmo_large.formats.reference import from_reference
+        full, unused, notes = from_reference(full, cfg)
+        notes = [f"reference VLMo names converted ({source})", *notes]
+    full, resized = adapt_to_config(full, cfg)
+    return full, unused, notes + resized
 
 
 def _load_init_weights(model, path: str) -> LoadReport:
     sharded = os.path.isfile(os.path.join(path, "sharded.json")) if os.path.isdir(path) else False
-    if sharded:
+    if sharded:  # a from-plain folder: written for this model's shapes
         from vlmo_large.checkpoint import load_sharded_plain
         return load_sharded_plain(model, path)
-    full = read_full_weights(path, preset=None)
+    full, unused, notes = adapted_weights(read_full_weights(path, preset=None), model.cfg, path)
     tp = getattr(model, "tp_size", 1)  # the model's own split: no process group is created at TP=1
     if tp > 1:
         full = local_state_dict(model, full, state.tp_rank(), tp)
-    return load_into(model, full, source=path)
+    report = load_into(model, full, source=path)
+    report.unexpected += unused
+    report.converted += notes
+    return report

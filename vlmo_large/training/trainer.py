@@ -1,4 +1,5 @@
-"""The pretraining loop: build, (re)start, step, log, evaluate, checkpoint, export.
+"""The training loop (a pretraining stage or a fine-tuning task): build, (re)start, step, log, evaluate,
+checkpoint, export.
 
     result = Trainer(cfg, resolved, tracker=tracker, evaluate=evaluate).run()
 
@@ -8,6 +9,7 @@ metrics. Rank 0 appends each step to <output_dir>/metrics.jsonl as it goes (metr
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -16,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from vlmo_large.checkpoint.plain import CONFIG_NAME
+from vlmo_large.checkpoint.plain import CONFIG_NAME, ExportExtras
 from vlmo_large.errors import UserError
 from vlmo_large.formats.io import CheckpointError
 from vlmo_large.model import build_model
@@ -114,20 +116,24 @@ class Trainer:
         self.rank = dist.get_rank()
         self.build_model()
         self.objective = TaskObjective(self.model, cfg.stage, cfg.loss, state.dp_group(), cfg.seed, cfg.data.mlm_prob)
-        self.engine = build_engine(self.objective, self.resolved, cfg)
+        self.engine = build_engine(self.objective, self.resolved, cfg, self.head_names)
         self.restore()
 
     def build_model(self) -> None:
         """VLMo from the seed or `init`, with this stage's freezing (notes for the progress output)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (TP layers split a master)
-        self.model = build_model(self.resolved.model, tp_group=state.tp_group())  # setup initialised it
+        heads = get_task(cfg.stage).heads(self.resolved.model, cfg.task)  # a fine-tuning task's new modules
+        self.head_names = tuple(heads)
+        self.model = build_model(self.resolved.model, tp_group=state.tp_group(), heads=heads)  # setup initialised it
         self.progress_note = []
         if cfg.init:
             report = load_init_weights(self.model, cfg.init)
             self.progress_note.append(f"init from {cfg.init}: loaded {len(report.loaded)}, missing (new) "
                                       f"{len(report.missing)}, unused {len(report.unexpected)}")
-            self.progress_note += [f"  new: {', '.join(report.missing)}"] if report.missing else []
+            self.progress_note += [f"  new: {_grouped(report.missing)}"] if report.missing else []
+            self.progress_note += [f"  unused: {_grouped(report.unexpected)}"] if report.unexpected else []
+            self.progress_note += [f"  converted: {'; '.join(report.converted)}"] if report.converted else []
         trainable, frozen = apply_stage_freezing(self.model, cfg.stage)
         # checkpointing, attention backend, regional compile: once, here, before the engine wraps it
         parallelize(self.model, plan_from_config(self.resolved.model))
@@ -233,6 +239,7 @@ class Trainer:
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         metrics_file = MetricsFile(metrics_path, self.step) if self.rank == 0 else None
         history, batches, last_saved, first_step, step_time = [], endless(self.loader), None, self.step, 0.0
+        self.history = history  # the last entry's terms go into the export's model card
         try:
             while self.step < end:
                 start = time.perf_counter()
@@ -291,12 +298,22 @@ class Trainer:
         with torch.no_grad():
             results = self.evaluate(self.model, step=self.step, engine=self.engine) or {}
         self.engine.train()
+        self.last_eval = {f"eval/{k}": v for k, v in results.items()}
         if self.rank == 0 and results:
-            self.tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, self.step)
+            self.tracker.log_metrics(self.last_eval, self.step)
             progress.write(f"eval step {self.step}: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()))
 
     def export(self, out_dir: str) -> None:
-        checkpointing.export_weights(self.engine, self.model, out_dir, is_zero3(self.engine))
+        checkpointing.export_weights(self.engine, self.model, out_dir, is_zero3(self.engine), self.export_extras())
+
+    def export_extras(self, metrics: Optional[dict] = None) -> ExportExtras:
+        """The tokenizer, task and model-card facts written with the export (checkpoint/plain.py)."""
+        cfg = self.cfg
+        final = {**(self.history[-1] if getattr(self, "history", None) else {}), **getattr(self, "last_eval", {})}
+        final.pop("step", None)
+        return ExportExtras(tokenizer=cfg.data.tokenizer, task=cfg.stage, task_options=dataclasses.asdict(cfg.task),
+                            card={"init": cfg.init, "data": cfg.data.shards, "steps": self.step,
+                                  "global_batch": self.resolved.global_batch, "metrics": metrics or final})
 
     def _finish(self, export: bool) -> None:
         cfg = self.cfg
@@ -307,6 +324,16 @@ class Trainer:
             self.tracker.log_artifact(os.path.join(cfg.output_dir, "metrics.jsonl"))
             if export:
                 self.tracker.log_artifact(os.path.join(cfg.output_dir, "export", CONFIG_NAME))
+
+
+def _grouped(names: list[str]) -> str:
+    """Tensor names summed up by module ("vqa_classifier (4 tensors), itm_head (2 tensors)")."""
+    counts: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if parts[0] == "backbone" and parts[1] == "blocks" else parts[0]
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ({n} tensor{'s' if n > 1 else ''})" for k, n in counts.items())
 
 
 def _skipped_text(item) -> str:
