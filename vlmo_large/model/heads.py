@@ -70,3 +70,25 @@ class MIMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.predictor(hidden)
+
+
+class ClassifierMLP(nn.Sequential):
+    """The reference's fine-tuning classifier: Linear(in, hidden) -> LayerNorm -> GELU -> Linear(hidden,
+    classes), so its state-dict keys are .0, .1 and .3 as in the reference's checkpoints
+    (docs/MODEL.md section 8). `labels`: the class names in row order, when known (VQA's answers)."""
+
+    def __init__(self, in_dim: int, hidden: int, classes: int, labels: tuple[str, ...] | None = None):
+        super().__init__(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, classes))
+        if labels is not None and len(labels) != classes:
+            raise ValueError(f"{len(labels)} labels for a classifier of {classes} classes")
+        self.labels = labels
+
+
+def vqa_classifier(dim: int, num_answers: int, answers: tuple[str, ...] | None = None) -> ClassifierMLP:
+    """VQA: the pooled fused CLS [D] -> 2D -> one logit per answer of the vocabulary."""
+    return ClassifierMLP(dim, 2 * dim, num_answers, answers)
+
+
+def nlvr2_classifier(dim: int) -> ClassifierMLP:
+    """NLVR2: the two pooled fused CLS concatenated [2D] -> 2D -> false / true."""
+    return ClassifierMLP(2 * dim, 2 * dim, 2)

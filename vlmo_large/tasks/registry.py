@@ -7,7 +7,8 @@ import importlib
 from vlmo_large.errors import UserError
 from vlmo_large.tasks.base import DATA_KINDS, Task
 
-BUILT_IN = ("vlmo_large.tasks.mim", "vlmo_large.tasks.text_mlm", "vlmo_large.tasks.vl")
+BUILT_IN = ("vlmo_large.tasks.mim", "vlmo_large.tasks.text_mlm", "vlmo_large.tasks.vl", "vlmo_large.tasks.vqa",
+            "vlmo_large.tasks.nlvr2", "vlmo_large.tasks.retrieval")
 _TASKS: dict[str, Task] = {}
 
 
