@@ -89,6 +89,11 @@ def _common(args) -> dict:
     return dict(samples_per_shard=args.samples_per_shard, max_image_side=args.max_image_side, num_procs=args.procs)
 
 
+def _print_heldout(what: str, held: dict) -> None:
+    print(f"{what}: {held['samples']} images in {len(held['shards'])} shards ({describe_skips(held)}); "
+          f"evaluate with: eval.retrieval_shards={held['pattern']} eval.retrieval_json={held['retrieval_json']}")
+
+
 def _pairs(args) -> dict:
     rows = None
     for table in args.inputs:
@@ -102,8 +107,7 @@ def _pairs(args) -> dict:
         held = pack_shards(image_text_items(heldout, group_captions=True), os.path.join(args.out, "heldout"),
                            "image_text", prefix="heldout", key_prefix=f"{args.key_prefix}heldout-",
                            retrieval_json=True, **common)
-        print(f"held out {held['samples']} images in {len(held['shards'])} shards ({describe_skips(held)}); "
-              f"evaluate with: eval.retrieval_shards={held['pattern']} eval.retrieval_json={held['retrieval_json']}")
+        _print_heldout("held out", held)
         index["heldout"] = held
     return index
 
@@ -169,8 +173,7 @@ def _karpathy(args) -> dict:
         held = pack_shards(image_text_items(splits[split], group_captions=True), os.path.join(args.out, split),
                            "image_text", prefix=split, key_prefix=f"{args.key_prefix}{split}-",
                            retrieval_json=True, **_common(args))
-        print(f"{split}: {held['samples']} images in {len(held['shards'])} shards ({describe_skips(held)}); "
-              f"evaluate with: eval.retrieval_shards={held['pattern']} eval.retrieval_json={held['retrieval_json']}")
+        _print_heldout(split, held)
         index[split] = held
     return index
 

@@ -87,7 +87,8 @@ def _read_csv(table: str, root: str, out: TableRows) -> None:
                 out.skip(where, "missing_image_field", "no image path")
                 continue
             meta = {k: v for k, v in row.items() if k not in ("image", "caption") and k is not None}
-            out.rows.append((os.path.join(root, row["image"]), caption_list(row.get("caption") or "", where, out), meta))
+            captions = caption_list(row.get("caption") or "", where, out)
+            out.rows.append((os.path.join(root, row["image"]), captions, meta))
 
 
 def _read_jsonl(table: str, root: str, out: TableRows) -> None:

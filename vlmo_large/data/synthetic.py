@@ -139,7 +139,8 @@ def make_synthetic(out_dir: str, *, num_pairs: int = 2000, num_images: int | Non
         ("text", "val"): _documents(rng("texts-val"), num_val),
         ("image_text", "retrieval"): _pairs(rng("retrieval"), num_retrieval, image_size, retrieval_captions),
     }
-    manifest: dict = {"format": FORMAT, "args": args, "image_size": image_size, "recommended_augment": "light", "files": []}
+    manifest: dict = {"format": FORMAT, "args": args, "image_size": image_size, "recommended_augment": "light",
+                      "files": []}
     for (kind, split), items in portions.items():
         index = pack_shards(items, os.path.join(out_dir, kind if split != "retrieval" else "retrieval"), kind,
                             samples_per_shard=samples_per_shard, prefix=split,
