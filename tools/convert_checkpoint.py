@@ -2,7 +2,8 @@
 
     to-plain CKPT_DIR OUT [--format vlmo_large|reference|reference-pt] [--dtype fp32|bf16] [--max-shard-size 5GB]
     from-plain PLAIN OUT --tp N [--pp N]
-    import-reference FILE OUT --preset NAME [--resize-vocab]
+    import-reference FILE OUT --preset NAME [--resize-vocab]     (fine-tuned VQA / NLVR2 files bring their heads)
+    export-reference PLAIN OUT.pt     (a plain checkpoint or export -> the reference's torch file, heads included)
     import-beit FILE OUT --preset NAME
     to-portable CKPT_DIR OUT          (weights + Adam moments, to resume on another layout)
 
@@ -62,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--resize-vocab", action="store_true",
                            help="copy the overlapping vocabulary rows, initialise the rest")
 
+    p = sub.add_parser("export-reference", help="plain checkpoint -> the reference VLMo's torch file")
+    p.add_argument("plain"), p.add_argument("out")
+    _model_args(p)
+
     p = sub.add_parser("to-portable", help="DeepSpeed checkpoint -> weights + Adam moments without a layout")
     p.add_argument("ckpt"), p.add_argument("out")
     p.add_argument("--max-shard-size", default="5GB")
@@ -94,6 +99,9 @@ def run(args: argparse.Namespace) -> None:
             report = ck.import_beit(args.file, args.out, cfg, **common)
         print(report.summary())
         print(f"wrote the plain checkpoint of '{cfg.name}' to {args.out}")
+    elif args.command == "export-reference":
+        ck.export_reference(args.plain, args.out, args.preset, args.config)
+        print(f"wrote {args.out} (the reference's layout; load with its load_path)")
     elif args.command == "to-portable":
         ck.save_portable(args.ckpt, args.out, args.preset, args.config, args.tag, parse_size(args.max_shard_size))
         print(f"wrote weights, exp_avg, exp_avg_sq and training_state.json to {args.out}; "

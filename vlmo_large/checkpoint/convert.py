@@ -12,13 +12,13 @@ import torch
 from vlmo_large.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
 from vlmo_large.checkpoint.pipeline_reader import PipelineCheckpoint, open_checkpoint
 from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout, resolve_config, strip_prefix
-from vlmo_large.checkpoint.plain import (CONFIG_NAME, LEGACY_EXPORT_CONFIG, config_to_dict, write_plain,
-                                         write_plain_dict)
+from vlmo_large.checkpoint.plain import (CONFIG_NAME, LEGACY_EXPORT_CONFIG, PlainCheckpoint, config_to_dict,
+                                         write_plain, write_plain_dict)
 from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_torch_file
 from vlmo_large.formats.rel_pos_tables import MERGED, disk_groups, merge_tables
-from vlmo_large.formats.reference import (REFERENCE_SCALARS, from_reference, reference_buffers, save_reference_pt,
-                                          to_reference)
+from vlmo_large.formats.reference import (REFERENCE_SCALARS, finetuned_config, finetuned_heads, from_reference,
+                                          reference_buffers, save_reference_pt, to_reference)
 from vlmo_large.parallel.sharding import unshard
 
 CONFIG_KEYS = ("model_config", "model_cfg", "config")
@@ -140,19 +140,34 @@ def resize_vocab(state: dict[str, torch.Tensor], cfg: ModelConfig, allow: bool, 
 
 def import_reference(path: str, out_dir: str, cfg: ModelConfig, resize: bool = False, seed: int = 0,
                      naming: str = "vlmo_large", max_shard_bytes: int = 5 * 10 ** 9) -> LoadReport:
-    """Reference VLMo .pt/.pth (any wrapper) -> plain checkpoint; tensors not in the file stay as initialised."""
+    """Reference VLMo .pt/.pth (any wrapper) -> plain checkpoint; tensors not in the file stay as initialised.
+    A fine-tuned file brings its classifier and modality-type rows (formats/reference.py finetuned_heads)."""
     from vlmo_large.model import build_model
 
     state, unused, converted = from_reference(load_torch_file(path), cfg)
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    cfg = finetuned_config(shapes, cfg)
     report = LoadReport(converted=converted)
     resize_vocab(state, cfg, resize, path, report)
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg, heads=finetuned_heads(shapes, cfg))
     loaded = load_into(model, state, source=path)
     report.loaded, report.missing = loaded.loaded, loaded.missing
     report.unexpected = loaded.unexpected + unused
     _write_model(model, out_dir, cfg, naming, max_shard_bytes)
     return report
+
+
+def export_reference(plain_path: str, out_path: str, preset: str | None = None,
+                     config_path: str | None = None) -> None:
+    """A plain checkpoint (a training export; fine-tuning heads included) -> one torch file as the
+    reference loads it ({"state_dict": ...}: its names, its buffers; the MIM head is left out)."""
+    plain = PlainCheckpoint(plain_path)
+    cfg = resolve_config(preset, config_path, plain.config_dict(), plain_path)
+    state = plain.state_dict()
+    if plain.naming != "reference":
+        state = to_reference(state)
+    save_reference_pt({**reference_buffers(cfg), **state}, out_path)
 
 
 def import_beit(path: str, out_dir: str, cfg: ModelConfig, seed: int = 0, naming: str = "vlmo_large",

@@ -5,6 +5,11 @@ model's per-block tables are merged and split by formats/rel_pos_tables.py), so 
 renaming, plus resampling the relative table or absolute positions when the
 checkpoint was trained at another image size. One exception: the reference's logit scales are
 0-dim, ours hold one element (DeepSpeed's broadcast and clipping need a dimension).
+
+Fine-tuned reference checkpoints add the task's classifier (`vqa_classifier.{0,1,3}.*`,
+`nlvr2_classifier.{0,1,3}.*`, the same names here) and, for NLVR2, a third modality-type row;
+`finetuned_config` and `finetuned_heads` read both from the tensors' names and shapes, so a model
+built from them loads the file with nothing left out.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import LoadReport, load_into, load_torch_file
 from vlmo_large.formats.rel_pos_tables import merge_tables, split_tables
+from vlmo_large.model.heads import nlvr2_classifier, vqa_classifier
 from vlmo_large.model.relative_position import resample_table
 
 _EXPERT = {"text": "text", "imag": "imag", "vl": "vl"}
@@ -55,6 +61,8 @@ _PAIRS = [
     ("mlm_head.norm.{p}", "mlm_score.transform.LayerNorm.{p}"),
     ("mlm_head.decoder.weight", "mlm_score.decoder.weight"),
     ("mlm_head.decoder.bias", "mlm_score.bias"),
+    ("vqa_classifier.{n}.{p}", "vqa_classifier.{n}.{p}"),  # fine-tuning heads (model/heads.py ClassifierMLP)
+    ("nlvr2_classifier.{n}.{p}", "nlvr2_classifier.{n}.{p}"),
 ]
 # Buffers of the reference model that carry no learned state.
 _REFERENCE_BUFFERS = re.compile(r"(^|\.)(position_ids|relative_position_index|text_relative_position_index|"
@@ -63,7 +71,8 @@ _REFERENCE_BUFFERS = re.compile(r"(^|\.)(position_ids|relative_position_index|te
 REFERENCE_SCALARS = ("logit_scale", "logit_vl_scale")  # 0-dim there, 1 element here
 POSITION_IDS = "text_embeddings.position_ids"
 
-_GROUPS = {"{i}": r"(?P<i>\d+)", "{e}": r"(?P<e>text|imag|vl)", "{p}": r"(?P<p>weight|bias)"}
+_GROUPS = {"{i}": r"(?P<i>\d+)", "{e}": r"(?P<e>text|imag|vl)", "{p}": r"(?P<p>weight|bias)",
+           "{n}": r"(?P<n>[013])"}  # {n}: the classifiers' Linear, LayerNorm, Linear
 
 
 def _compile(template: str) -> re.Pattern:
@@ -105,6 +114,27 @@ def to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if ref is not None:
             out[ref] = tensor.reshape(()) if ref in REFERENCE_SCALARS and torch.is_tensor(tensor) else tensor
     return out
+
+
+MODALITY_ROWS = "backbone.modality_embed.weight"
+
+
+def finetuned_config(shapes: dict[str, tuple], cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the modality-type rows the checkpoint holds (3 in an NLVR2 one). shapes: {this
+    project's name: shape} of the checkpoint's tensors."""
+    rows = shapes.get(MODALITY_ROWS, (cfg.num_modality_types,))[0]
+    return cfg if rows == cfg.num_modality_types else cfg.replace(num_modality_types=rows)
+
+
+def finetuned_heads(shapes: dict[str, tuple], cfg: ModelConfig) -> dict:
+    """The fine-tuning heads the checkpoint holds, built to its shapes (build_model(cfg, heads=...)):
+    a VQA classifier as wide as its answers, an NLVR2 classifier. shapes: as finetuned_config."""
+    heads = {}
+    if "vqa_classifier.3.weight" in shapes:
+        heads["vqa_classifier"] = vqa_classifier(cfg.embed_dim, shapes["vqa_classifier.3.weight"][0])
+    if "nlvr2_classifier.3.weight" in shapes:
+        heads["nlvr2_classifier"] = nlvr2_classifier(cfg.embed_dim)
+    return heads
 
 
 def reference_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
