@@ -128,14 +128,12 @@ class SampleProcessor:
                 **self._text(meta["sentence"]), "nlvr2_labels": torch.tensor(int(meta["label"]), dtype=torch.int64)}
 
     def _text_fields(self, text: str, rng: np.random.Generator) -> dict:
-        tok = self.tokenizer
-        ids, mask = tok.encode(text, self.max_text_len)
-        ids = np.asarray(ids, dtype=np.int64)
+        tok, out = self.tokenizer, self._text(text)
+        ids = out["text_ids"].numpy()
         mlm_ids, labels = whole_word_mlm(ids, tok.word_starts(ids), rng=rng, mask_id=tok.mask_id,
                                          special_ids=tok.special_ids, vocab_size=tok.vocab_size,
                                          prob=self.mlm_prob)
-        return {"text_ids": torch.from_numpy(ids), "text_mask": torch.tensor(mask, dtype=torch.int64),
-                "mlm_ids": torch.from_numpy(mlm_ids), "mlm_labels": torch.from_numpy(labels)}
+        return {**out, "mlm_ids": torch.from_numpy(mlm_ids), "mlm_labels": torch.from_numpy(labels)}
 
 
 def collate(samples: list[dict]) -> dict:
