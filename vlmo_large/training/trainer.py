@@ -61,7 +61,8 @@ def build_batches(cfg: RunConfig, resolved: ResolvedRun):
                         max_text_len=model_cfg.max_text_len, rank=state.dp_rank(), world_size=state.dp_size(),
                         num_workers=data.num_workers, seed=cfg.seed, mlm_prob=data.mlm_prob,
                         mim_ratio=data.mim_ratio, patch_size=model_cfg.patch_size, augment=data.augment,
-                        pixels="uint8", pin_memory=torch.cuda.is_available())  # to_device normalises
+                        pixels="uint8", pin_memory=torch.cuda.is_available(),  # to_device normalises
+                        answers=cfg.task.answers if kind == "vqa" else None)
 
 
 def endless(loader):

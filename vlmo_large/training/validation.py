@@ -146,6 +146,9 @@ def _check_files(cfg: RunConfig, model_cfg: ModelConfig) -> None:
             paths = expand_shards(data.shards)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"data.shards: {exc}") from exc
+        _check(get_task(cfg.stage).data_kind != "vqa" or bool(cfg.task.answers),
+               f"task.answers is not set: stage '{cfg.stage}' reads VQA shards, whose soft targets are scores of "
+               "the answer vocabulary (tools/make_shards.py vqa --answers writes it)")
         if get_task(cfg.stage).reads_text:
             _check(bool(data.tokenizer), f"data.tokenizer is not set (stage '{cfg.stage}' reads text)")
             _check(os.path.exists(data.tokenizer), f"data.tokenizer: file not found: {data.tokenizer}")
@@ -216,7 +219,8 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
         raise ConfigError(str(exc)) from exc.__cause__
     _check_ranges(cfg)
     try:  # the keys and types of cfg.model were checked when the run config was read
-        model_cfg = get_preset(cfg.preset, **cfg.model, **task_model_overrides(cfg))
+        cfg.model.update(task_model_overrides(cfg))  # kept in the run config a checkpoint stores
+        model_cfg = get_preset(cfg.preset, **cfg.model)
     except ValueError as exc:
         raise ConfigError(f"preset: {exc}") from exc
     check_deepspeed_config(ds_config, ds_path)
