@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 
-from conftest import folder_records
+from conftest import folder_records, tar_records
 from finetune_fakes import fake_karpathy, fake_nlvr2, fake_vqa
 from tools.make_shards import main as make_shards
+from vlmo_large.data.shard_list import expand_shards
 
 
 def _bytes(path):
@@ -87,7 +88,9 @@ def test_synthetic_vqa_and_nlvr2_lists_are_packed_as_they_are(synthetic, tmp_pat
     for task in ("vqa", "nlvr2"):
         listing = synthetic[task]["train"]
         entries, root = json.load(open(listing)), os.path.dirname(listing)
-        records = folder_records(root, "train-")
+        shards = expand_shards(synthetic[task]["train_shards"])  # the manifest lists them
+        assert set(shards) <= set(synthetic["files"])
+        records = {k: r for path in shards for k, r in tar_records(path).items()}
         assert len(records) == len(entries)
         for entry, record in zip(entries, records.values()):  # packing keeps the list's order
             meta = json.loads(record["json"])
