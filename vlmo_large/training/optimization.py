@@ -67,7 +67,8 @@ def param_groups(model: nn.Module, weight_decay: float, rule: str = "reference",
             decayed = decays(name, rule) and not any(fnmatch.fnmatchcase(name, p) for p in no_decay)
             groups.setdefault((decayed, lr_scale(name) if lr_scale else 1.0), []).append(param)
     out = []
-    for decayed, scale in sorted(groups, key=lambda key: (not key[0], -key[1])):
+    # the groups at the run's own lr first: the progress output reports the first group's lr
+    for decayed, scale in sorted(groups, key=lambda key: (key[1] != 1.0, not key[0], -key[1])):
         name = ("decay" if decayed else "no_decay") + ("" if scale == 1.0 else f"@lr_x{scale:.6g}")
         group = {"params": groups[decayed, scale], "weight_decay": weight_decay if decayed else 0.0, "name": name}
         out.append({**group, "lr_scale": scale} if lr_scale else group)
