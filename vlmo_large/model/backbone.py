@@ -24,15 +24,16 @@ from vlmo_large.config import ModelConfig
 from vlmo_large.model.block import MoMEBlock, apply_checkpointing
 from vlmo_large.model.flex_attention import padding_block_masks
 from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
-from vlmo_large.model.tensor_parallel import group_size, init_normal
+from vlmo_large.model.tensor_parallel import group_size
 
-TEXT_ROW, IMAGE_ROW = 0, 1
+TEXT_ROW, IMAGE_ROW, SECOND_IMAGE_ROW = 0, 1, 2  # modality-type rows; the third only with num_modality_types 3 (NLVR2)
 
 
 class MoMEBackbone(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None):
         """tp_group: the tensor-parallel group the weights are split over (None: one process)."""
         super().__init__()
+        self.tp_group = tp_group  # model/initialization.py slices the TP weights for this group's rank
         tp = self.tp_size = group_size(tp_group)
         cfg.validate(tensor_parallel=tp)
         self.cfg = cfg
@@ -42,17 +43,7 @@ class MoMEBackbone(nn.Module):
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(MoMEBlock(cfg, i, rates[i], tp_group) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self._init_plain_modules()
         apply_checkpointing(self.blocks, cfg.checkpoint_every)  # parallelize applies its plan again
-
-    def _init_plain_modules(self) -> None:
-        """megatron layers initialise themselves; the plain embeddings and norms are set here."""
-        for module in self.modules():
-            if isinstance(module, nn.Embedding):
-                init_normal(module.weight)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
 
     def set_grad_checkpointing(self, every: int = 1) -> None:
         """Recompute every `every`-th block in backward (0 turns it off); the mechanism parallelize uses."""

@@ -53,6 +53,7 @@ class MoMEBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.attn = SelfAttention(dim, cfg.num_heads, cfg.attn_drop, cfg.attention, tp_group)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale_init = cfg.layer_scale_init  # gamma's initial value (model/initialization.py)
         if cfg.layer_scale_init is not None:
             self.gamma_1 = nn.Parameter(torch.full((dim,), cfg.layer_scale_init))
             self.gamma_2 = nn.Parameter(torch.full((dim,), cfg.layer_scale_init))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
 from vlmo_large.config import ModelConfig
@@ -43,9 +42,6 @@ class ImageEmbeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = (nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
                           if cfg.use_abs_pos_emb else None)
-        trunc_normal_(self.cls_token, std=0.02)
-        if self.pos_embed is not None:
-            trunc_normal_(self.pos_embed, std=0.02)
 
     def _positions(self, grid: int) -> torch.Tensor:
         """Absolute positions, bicubic-resampled when the image grid differs from the table's."""

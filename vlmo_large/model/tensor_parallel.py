@@ -1,8 +1,10 @@
 """megatron-core's tensor-parallel layers, built the way this model uses them.
 
 Megatron layers return (output, bias); the small wrappers here return the output only, so the
-model reads like single-device code. Weights are initialised on a full "master" tensor and split
-(megatron's CPU initialisation), so a given seed gives the same logical weights at any TP size.
+model reads like single-device code. build_model constructs them on meta, where megatron initialises
+nothing; model/initialization.py then draws each full weight and keeps this rank's slice (megatron's
+CPU-initialisation split), so a given seed gives the same logical weights at any TP size. A layer
+built off meta (a standalone test layer) is initialised by megatron itself, with `init_normal`.
 
 The tensor-parallel group is passed in (None: one process, no torch.distributed needed); nothing
 here reads or creates a global group.
@@ -15,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from timm.layers import trunc_normal_
 from torch import nn
 
-init_normal = partial(trunc_normal_, std=0.02)
+init_normal = partial(nn.init.trunc_normal_, std=0.02)  # accepts generator=
 
 
 def group_size(tp_group) -> int:
