@@ -1,6 +1,6 @@
 """Retrieval task: the dual-encoder ITC loss against contrastive loss by hand in one process, and
-ITM re-ranking: re-ranking every candidate equals ranking by the ITM logit (computed pair by pair),
-re-ranking none equals the dual encoder, and a partial re-rank on hand-made lists."""
+ITM re-ranking: re-ranking none equals the dual encoder, a partial re-rank on hand-made lists, and
+held-out retrieval re-ranking every candidate equals ranking by the ITM logit of each pair."""
 import pytest
 import torch
 
@@ -68,21 +68,6 @@ def _recall_by_hand(scores: torch.Tensor, gold: torch.Tensor, k: int) -> float:
     return hits / scores.shape[0]
 
 
-def test_reranking_every_candidate_ranks_by_the_itm_logit():
-    model = _model()
-    images, ids, mask = _items()
-    with torch.no_grad():
-        image_feats, text_feats = encode_for_retrieval(model, images, ids, mask)
-    metrics = itm_reranked_metrics(model, images, ids, mask, image_feats, text_feats, TEXT_TO_IMAGE,
-                                   rerank_k=5, batch_size=8)
-    scores = _itm_by_hand(model, images, ids, mask)
-    gold = TEXT_TO_IMAGE[None, :] == torch.arange(4)[:, None]  # [images, texts]
-    for k in (1, 5, 10):
-        assert metrics[f"tr_r{k}_itm"] == pytest.approx(_recall_by_hand(scores, gold, k))
-        assert metrics[f"ir_r{k}_itm"] == pytest.approx(_recall_by_hand(scores.T, gold.T, k))
-    assert 0 < metrics["tr_r1_itm"] < 1  # the case is not trivial
-
-
 def test_reranking_nothing_is_the_dual_encoder():
     model = _model()
     images, ids, mask = _items()
@@ -105,3 +90,27 @@ def test_a_partial_rerank_reorders_only_the_top_k():
     # a tie in ITM with a non-gold candidate counts against the gold one
     hits = _reranked_hits(sims, gold, torch.tensor([[5.0, -1.0, 5.0]]), 3, (1, 2))
     assert [bool(hits[k]) for k in (1, 2)] == [False, True]
+
+
+def test_heldout_retrieval_reports_the_reranked_recall_next_to_the_dual_encoder(dataset):
+    """On the synthetic retrieval split (identical caption strings are one gold text), re-ranking
+    every caption equals ranking by the ITM logit of each (image, caption) pair."""
+    import json
+
+    from vlmo_large.data import load_tokenizer
+    from vlmo_large.evaluation.heldout_retrieval import heldout_retrieval
+
+    model, tokenizer = _model(), load_tokenizer(dataset["tokenizer"])
+    with open(dataset["retrieval"]["json"]) as f:
+        gold_json = json.load(f)
+    texts = gold_json["texts"]
+    metrics, (images, _, _, text_to_image) = heldout_retrieval(model, dataset["retrieval"], tokenizer, 64, 32,
+                                                               rerank_k=len(texts))
+    ids, mask = (torch.as_tensor(t) for t in tokenizer.encode_batch(texts, 32))
+    scores = _itm_by_hand(model, images, ids, mask)
+    same_text = torch.tensor([[a == b for b in texts] for a in texts])
+    gold = torch.stack([same_text[text_to_image == i].any(0) for i in range(images.shape[0])])  # [images, texts]
+    for k in (1, 5, 10):
+        assert metrics[f"tr_r{k}_itm"] == pytest.approx(_recall_by_hand(scores, gold, k))
+        assert metrics[f"ir_r{k}_itm"] == pytest.approx(_recall_by_hand(scores.T, gold.T, k))
+    assert {"tr_r1", "ir_r1", "chance_r1"} <= metrics.keys()

@@ -13,7 +13,6 @@ import json
 import torch
 
 from vlmo_large.evaluation.itm_rerank import itm_reranked_metrics
-from vlmo_large.evaluation.pretraining import encode_for_retrieval
 from vlmo_large.evaluation.retrieval import caption_groups, chance_r_at_1, retrieval_metrics
 
 

@@ -29,7 +29,8 @@ def itm_match_scores(model, images: torch.Tensor, text_ids: torch.Tensor, text_m
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
-def _reranked_hits(sims: torch.Tensor, gold: torch.Tensor, itm: torch.Tensor, rerank_k: int, ks) -> dict[int, torch.Tensor]:
+def _reranked_hits(sims: torch.Tensor, gold: torch.Tensor, itm: torch.Tensor, rerank_k: int,
+                   ks) -> dict[int, torch.Tensor]:
     """hits_at_k over lists whose first rerank_k entries are ordered by their ITM logits (`itm`
     [queries, rerank_k]), shifted above every cosine, and whose rest keep their cosines."""
     scores = sims.clone()
