@@ -46,7 +46,7 @@ class MlflowServer:
                "--workers", "1", "--backend-store-uri", self.backend_uri,
                "--default-artifact-root", str(self.root / "artifacts")]
         self.log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
