@@ -35,3 +35,17 @@ def reference_step(weights_path: str, stage: str):
     assert norm > CLIP, "the step should clip, so that the global gradient norm is tested too"
     torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), **OPTIMIZER).step()
     return sums, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def reference_heldout(weights_path: str, stage: str) -> dict:
+    """Held-out evaluation's loss terms in one process (eval mode, no grad; HeldOutEvaluator) on the
+    starting weights, summed over the micro-batches."""
+    model = build_model("tiny").eval()
+    model.load_state_dict(load_file(weights_path))
+    objective = TaskObjective(model, stage, seed=0)
+    sums = {}
+    with torch.no_grad():
+        for mb in stage_batches(model.cfg, stage):
+            for name, value in objective(mb, step=0).items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+    return sums

@@ -2,7 +2,9 @@
 
 Under torchrun: argv = weights.safetensors out_dir tp pp. Every stage starts from the same plain
 weights and micro-batches (`stage_batches`, also used by the single-process reference) and rank 0
-saves {"losses": {...}, "weights": plain state dict after the step} to out_dir/{stage}.pt.
+saves {"heldout": {...}, "losses": {...}, "weights": plain state dict after the step} to
+out_dir/{stage}.pt; "heldout": the held-out loss terms (summed over the micro-batches) on the
+starting weights, before the step.
 """
 import os
 import sys
@@ -51,21 +53,28 @@ def main(weights_path: str, out_dir: str, tp: int, pp: int) -> None:
     from safetensors.torch import load_file
 
     from vlmo_large.config import get_preset
+    from vlmo_large.model import build_model
     from vlmo_large.parallel import state
+    from vlmo_large.parallel.sharding import local_state_dict
+    from vlmo_large.training.freezing import apply_stage_freezing
     from vlmo_large.training.pipeline_engine import PipelineStep, build_pipeline_engine
-    from vlmo_large.training.pipeline_weights import gather_plain_state_dict
+    from vlmo_large.training.pipeline_module import gather_plain_state_dict
 
     cfg = get_preset("tiny")
     weights = load_file(weights_path)
+    state.ensure_initialized(tp, pp)
     for stage in STAGES:
         torch.manual_seed(0)
-        engine = build_pipeline_engine(cfg, stage, ds_config(), tp, pp, weights=weights, weight_decay=WEIGHT_DECAY)
-        losses = PipelineStep(engine, seed=0).run(stage_batches(cfg, stage), step=0)
+        model = build_model(cfg, tp_group=state.tp_group())
+        model.load_state_dict(local_state_dict(model, weights, state.tp_rank(), tp))
+        apply_stage_freezing(model, stage)
+        engine = build_pipeline_engine(model, stage, ds_config(), tp, pp, weight_decay=WEIGHT_DECAY)
+        heldout = PipelineStep(engine).evaluate(stage_batches(cfg, stage), step=0)
+        losses = PipelineStep(engine).run(stage_batches(cfg, stage), step=0)
         after = gather_plain_state_dict(engine.module)
         if torch.distributed.get_rank() == 0:
-            torch.save({"losses": losses, "weights": after}, os.path.join(out_dir, f"{stage}.pt"))
+            torch.save({"heldout": heldout, "losses": losses, "weights": after}, os.path.join(out_dir, f"{stage}.pt"))
     state.destroy()
-
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

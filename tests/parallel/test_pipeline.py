@@ -1,6 +1,7 @@
 """DeepSpeed pipeline (PP=2, and TP=2 x PP=2) equals one process: losses, loss terms and weights after
-one ZeRO-1 AdamW step with gradient clipping, for pretraining stages vl (ITC over the global batch,
-ITM with hard negatives, MLM), mim and text_mlm. Real processes under torchrun, gloo, fp32, tiny
+one ZeRO-1 AdamW step with gradient clipping, and held-out evaluation's loss terms on the starting
+weights, for pretraining stages vl (ITC over the global batch, ITM with hard negatives, MLM), mim
+and text_mlm. Real processes under torchrun, gloo, fp32, tiny
 preset; the reference is training/'s TaskObjective on plain VLMo in this process."""
 import os
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.parallel.pipeline_reference import reference_step
+from tests.parallel.pipeline_reference import reference_heldout, reference_step
 from tests.training.conftest import REPO, run_torchrun
 from vlmo_large.training.freezing import is_trainable
 
@@ -43,6 +44,17 @@ def test_losses_and_terms_match_one_process(pipeline_run, references, stage):
     assert set(got) == set(ref_losses), (sorted(got), sorted(ref_losses))
     for name, ref in ref_losses.items():
         assert got[name] == pytest.approx(ref, rel=1e-5), name
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_heldout_terms_match_one_process(pipeline_run, weights, stage):
+    """PipelineStep.evaluate (held-out evaluation at PP): computed on the last stage, every rank
+    gets them; rank 0 (first stage) saved these."""
+    ref = reference_heldout(str(weights), stage)
+    got = {name: float(value) for name, value in pipeline_run[stage]["heldout"].items()}
+    assert set(got) == set(ref), (sorted(got), sorted(ref))
+    for name, value in ref.items():
+        assert got[name] == pytest.approx(value, rel=1e-5), name
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -16,7 +16,6 @@ def main(out_path: str) -> None:
 
     from tests.training.common import ds_config, run_config
     from vlmo_large.parallel import state
-    from vlmo_large.training.pipeline_weights import named_plain_parameters
     from vlmo_large.training.pipeline_trainer import PipelineTrainer
     from vlmo_large.training.run_config import DECAY_RULES
     from vlmo_large.training.trainer import Trainer
@@ -33,7 +32,7 @@ def main(out_path: str) -> None:
         trainer = PipelineTrainer(cfg, resolved)
         trainer.setup()
         pipe = trainer.engine.module
-        results[rule]["pipeline"] = decay_by_name(trainer.engine.optimizer, named_plain_parameters(pipe))
+        results[rule]["pipeline"] = decay_by_name(trainer.engine.optimizer, pipe.named_parameters())
     with open(out_path, "w") as f:
         json.dump(results, f)
     state.destroy()

@@ -1,6 +1,7 @@
 """The launcher with pipeline parallelism (parallel.pp=2, ZeRO-1, 2 ranks) on the synthetic shards:
-per-step losses equal the non-pipeline run (PP=1, one rank, the same global batch), and a run of
-4 steps equals 2 steps + `--resume auto` + 2 steps (data position, RNG, optimizer, schedule)."""
+per-step losses and the held-out loss terms after the last step equal the non-pipeline run (PP=1,
+one rank, the same global batch), and a run of 4 steps equals 2 steps + `--resume auto` + 2 steps
+(data position, RNG, optimizer, schedule)."""
 import json
 import os
 import shutil
@@ -15,6 +16,17 @@ from vlmo_large.formats.rel_pos_tables import split_tables
 LAUNCHER = os.path.join(REPO, "launchers", "pretrain.py")
 DS = os.path.join(REPO, "ds_configs", "cpu_fp32_zero1.json")
 TERMS = ("loss", "itc", "itc_vl", "itm", "mlm", "itm_acc", "logit_scale")
+
+
+def heldout_args(data: dict) -> list[str]:
+    """Held-out evaluation after step 4 only (the runs' last step: nothing trains after it)."""
+    return ["eval_every=4", f"eval.shards={data['image_text']['val']}", "eval.batches=2"]
+
+
+def eval_line(log: str, step: int) -> dict:
+    """The progress line "eval step N: k=v ..." as {k: v}."""
+    line = next(line for line in log.splitlines() if line.startswith(f"eval step {step}: "))
+    return {k: float(v) for k, v in (item.split("=") for item in line.split(": ", 1)[1].split())}
 
 
 def launcher_args(out, data: dict, *extra, ds: str = DS) -> list[str]:
@@ -42,7 +54,8 @@ def pipeline_run(tmp_path_factory) -> dict:
         shutil.rmtree(root, ignore_errors=True)
         data = make_synthetic(str(root / "data"), num_pairs=64, num_images=8, num_texts=8, num_val=4,
                               num_retrieval=2, num_vqa_images=2, num_nlvr2=2, samples_per_shard=16)
-        history, log = launch(root / "pp2", data, 2, "parallel.pp=2", store=migrated_store(tmp_path_factory))
+        history, log = launch(root / "pp2", data, 2, "parallel.pp=2", *heldout_args(data),
+                              store=migrated_store(tmp_path_factory))
         done.write_text(json.dumps({"out": str(root / "pp2"), "data": data, "history": history, "log": log},
                                    default=str))
     return json.loads(done.read_text())
@@ -69,8 +82,8 @@ def after_pp2(pp2, tmp_path_factory):
     shutil.rmtree(root / "resume" / "checkpoints" / "step00000004")
     for name in ("pp1", "resume"):
         seed_store(migrated_store(tmp_path_factory), root / name / "mlflow.db")
-    runs = {"pp1": (root / "pp1", StartedTorchrun(launcher_args(root / "pp1", pp2["data"]), root / "pp1_console",
-                                                  nproc=1, timeout=300)),
+    runs = {"pp1": (root / "pp1", StartedTorchrun(launcher_args(root / "pp1", pp2["data"], *heldout_args(pp2["data"])),
+                                                  root / "pp1_console", nproc=1, timeout=300)),
             "resume": (root / "resume", StartedTorchrun(launcher_args(root / "resume", pp2["data"], "parallel.pp=2",
                                                                       "--resume", "auto"),
                                                         root / "resume_console", nproc=2, timeout=300))}
@@ -82,7 +95,7 @@ def after_pp2(pp2, tmp_path_factory):
 def test_pipeline_losses_equal_the_non_pipeline_run(pp2, after_pp2):
     # PP=2 on 2 ranks has DP=1: its global batch is one rank's micro-batch, as one PP=1 process
     out, started = after_pp2["pp1"]
-    started.result()
+    result = started.result()
     reference = metrics(out)
     got = pp2["history"]
     assert [h["step"] for h in got] == [1, 2, 3, 4]
@@ -92,6 +105,13 @@ def test_pipeline_losses_equal_the_non_pipeline_run(pp2, after_pp2):
             assert mine[key] == pytest.approx(ref[key], rel=1e-5), (key, ref, mine)
     log = pp2["log"]
     assert "pipeline: 2 stages x TP 1 x DP 1" in log and "step 4/4 " in log
+    # held-out evaluation through the pipeline: its loss terms are the one-process run's, which also
+    # reports the task's retrieval/accuracy metrics (they need the whole model in one process); its
+    # itm_acc is evaluate_pretraining's (rotated negatives), which replaces the loss term's
+    heldout, ref_heldout = eval_line(log, 4), eval_line(result.stdout + result.stderr, 4)
+    assert set(heldout) == set(TERMS) <= set(ref_heldout)
+    for key in set(TERMS) - {"itm_acc"}:
+        assert heldout[key] == pytest.approx(ref_heldout[key], abs=1e-4), key  # printed to 4 decimals
 
 
 def test_pipeline_checkpoints_and_export(pp2):
@@ -119,13 +139,3 @@ def test_pipeline_resume_equals_the_uninterrupted_run(pp2, after_pp2):
     a = load_file(str(out / "export" / "model.safetensors"))
     b = load_file(os.path.join(pp2["out"], "export", "model.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-
-
-def test_eval_during_training_is_refused_with_pipeline():
-    from vlmo_large.training.run_config import ConfigError, load_run_config
-    from vlmo_large.training.validation import resolve_run
-
-    cfg = load_run_config(None, ["preset=tiny", "stage=vl", "data.source=random", "batch.micro=2",
-                                 "parallel.pp=2", "eval_every=2", "eval.retrieval_json=x.json"])
-    with pytest.raises(ConfigError, match="not supported with pipeline parallelism"):
-        resolve_run(cfg, {"zero_optimization": {"stage": 1}}, world_size=2)

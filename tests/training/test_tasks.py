@@ -93,6 +93,6 @@ def test_a_plugin_registers_its_task_before_the_stage_is_checked():
 def test_a_plugin_task_with_a_pipeline_is_one_config_line():
     cfg = load_run_config(None, ["data.source=random", "batch.micro=2", "stage=toy_itc", "parallel.pp=2",
                                  "plugins=[tests.training.test_task_plugin]"])
-    with pytest.raises(ConfigError, match=r"^stage 'toy_itc' with parallel.pp=2: the pipeline runs the pretraining "
-                                          r"stages only \(mim, text_mlm, vl\); set parallel.pp=1$"):
+    with pytest.raises(ConfigError, match=r"^stage 'toy_itc' with parallel.pp=2: the task implements forward only, "
+                                          r"and the pipeline calls its inputs/score \(tasks/base.py\); set parallel.pp=1$"):
         resolve_run(cfg, {"zero_optimization": {"stage": 1}}, 2)

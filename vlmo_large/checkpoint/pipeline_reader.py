@@ -1,18 +1,16 @@
-"""Read a DeepSpeed *pipeline* checkpoint (TP x PP x ZeRO-0/1, fp32 or bf16) by plain VLMo names.
+"""Read a DeepSpeed *pipeline* checkpoint (TP x PP x ZeRO-0/1, fp32 or bf16) by VLMo names.
 
-What DeepSpeed's pipeline engine writes into a tag folder:
-    layer_LL-model_TT-model_states.pt   layer LL's state dict on TP rank TT (its local names,
-                                        e.g. "block.attn.qkv.weight"), in the training dtype
+What DeepSpeed's pipeline engine (training/pipeline_module.py) writes into a tag folder:
+    layer_LL-model_TT-model_states.pt   pipeline layer LL's tensors on TP rank TT, keyed by their
+                                        VLMo names (e.g. "backbone.blocks.2.attn.qkv.weight"), in
+                                        the training dtype
     mp_rank_MM_model_states.pt          per (stage, TP rank), MM = stage * TP + TT: param_shapes
-                                        ("LL.block.attn.qkv.weight"), client_state
+                                        (VLMo names), client_state
     [bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt   ZeRO-1 flat fp32 partitions, as without PP
 Trainable tensors are read from the optimizer's fp32 master partitions (deepspeed_reader._TPRank
 does that part, one per MM); frozen ones and ZeRO-0 runs from the layer files (ZeRO-0's Adam
-moments from the `optimizer` of each mp_rank file, by the names the trainer stored). Layer LL is
-pipeline layer LL of training/pipeline_module.py (0 embeddings, 1 + i block i, depth + 1 head),
-whose `plain_name` gives the VLMo name (a block's relative table included). Tensors no pipeline layer of the stage holds come from the
-trainer's client_state (training/pipeline_trainer.OUTSIDE_KEY). Files are mmap-loaded, one tensor
-is materialised at a time.
+moments from the `optimizer` of each mp_rank file, by the names the trainer stored). Files are
+mmap-loaded, one tensor is materialised at a time.
 """
 from __future__ import annotations
 
@@ -24,11 +22,11 @@ import torch
 
 from vlmo_large.checkpoint.deepspeed_reader import (_LAYER, _OPTIM, DS_STATE_KEYS, DeepSpeedCheckpoint, _TPRank,
                                                     load_ds_file, resolve_tag_dir)
+from vlmo_large.checkpoint.layout import model_layout
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError
-from vlmo_large.parallel.sharding import placement, unshard
+from vlmo_large.parallel.sharding import unshard
 
-OUTSIDE_KEY = "plain_outside_pipeline"  # client_state of training/pipeline_trainer.py: tensors no stage holds
 _PIPE_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
 
@@ -38,15 +36,6 @@ def open_checkpoint(path: str, tag: str | None = None):
     if any(_LAYER.match(f) for f in os.listdir(folder)):
         return PipelineCheckpoint(folder)
     return DeepSpeedCheckpoint(path, tag)
-
-
-def _pipeline_layers(cfg: ModelConfig, stage: str) -> list:
-    """The pipeline's layers on the meta device (names, TP placement), in layer order."""
-    from vlmo_large.parallel.pipeline_layers import BlockLayer, EmbeddingLayer, HeadLayer
-
-    with torch.device("meta"):
-        return ([EmbeddingLayer(cfg, stage)] + [BlockLayer(cfg, stage, i) for i in range(cfg.depth)]
-                + [HeadLayer(cfg, stage)])
 
 
 class PipelineCheckpoint:
@@ -78,36 +67,25 @@ class PipelineCheckpoint:
         self.ranks = [_TPRank(folder, mp, {0: model[mp]}, optim.get(mp, {})) for mp in range(self.tp * self.pp)]
         self.states = self.ranks[0].states
         self.stage, self.dp = self.ranks[0].stage, self.ranks[0].dp
-        # "LL.local" -> stage of every tensor the optimizer holds (the others: layer files)
+        # name -> stage of every tensor the optimizer holds (the others: layer files)
         self.optimized = {name: mp // self.tp for mp, rank in enumerate(self.ranks)
                           if rank.stage in (1, 2) for name in rank.shapes}
         # ZeRO-0: Adam's moments (and bf16's fp32 masters) per stage, by the names the trainer stored
         self.zero0 = {name: mp // self.tp for mp, rank in enumerate(self.ranks)
                       if rank.zero0 is not None for name in rank.zero0.where}
-        self.index: dict[str, tuple[int, str, tuple | None]] = {}
+        self.index = {name: layer for (layer, tp) in sorted(self.layer_files) if tp == 0
+                      for name in self._layer_state(layer, 0)}  # name -> its layer
+        self.place: dict[str, tuple | None] = {}
 
     # -- names -----------------------------------------------------------------------------------
     def bind(self, cfg: ModelConfig) -> None:
-        """Map every stored layer tensor to its plain name: {plain: (layer, local name, TP placement)}."""
-        run = self.client_state.get("run_config") or {}
-        layers = _pipeline_layers(cfg, run.get("stage", "vl"))
-        stored = sorted({layer for layer, _ in self.layer_files})
-        if stored and stored[-1] >= len(layers):
-            raise CheckpointError(f"{self.folder}: layer file {stored[-1]} beyond the {len(layers)} pipeline layers of "
-                                  f"preset '{cfg.name}' (a checkpoint of another preset?)")
-        self.index = {}
-        for idx in stored:
-            layer, params = layers[idx], dict(layers[idx].named_parameters())
-            for local in self._layer_state(idx, 0):
-                if local not in params:
-                    raise CheckpointError(f"{self.layer_files[idx, 0]}: tensor '{local}' is not part of pipeline "
-                                          f"layer {idx} of preset '{cfg.name}'")
-                plain = layer.plain_name(local)
-                self.index[plain] = (idx, local, placement(params[local]))
+        """The TP placement of every stored tensor, from the model of `cfg` (a tensor the model
+        lacks, e.g. a task's head, is not split)."""
+        layout = model_layout(cfg)
+        self.place = {name: layout[name].place if name in layout else None for name in self.index}
 
     def names(self) -> list[str]:
-        outside = [n for n in self.client_state.get(OUTSIDE_KEY) or {} if n not in self.index]
-        return list(self.index) + outside
+        return list(self.index)
 
     @property
     def client_state(self) -> dict:
@@ -121,8 +99,7 @@ class PipelineCheckpoint:
             raise CheckpointError(f"missing shard file {os.path.join(self.folder, f'layer_{layer:02d}-model_{tp:02d}-model_states.pt')}")
         return load_ds_file(path)
 
-    def _local(self, layer: int, local: str, tp: int, key: str) -> torch.Tensor:
-        name = f"{layer}.{local}"
+    def _local(self, name: str, tp: int, key: str) -> torch.Tensor:
         if name in self.optimized:
             return self.ranks[self.optimized[name] * self.tp + tp].tensor(name, key)
         if name in self.zero0:
@@ -131,18 +108,14 @@ class PipelineCheckpoint:
                 return zero0.tensor(name, key)
         if key != "fp32":
             raise CheckpointError(f"{self.folder}: no optimizer state '{key}' for '{name}' (frozen, or ZeRO-0)")
-        return self._layer_state(layer, tp)[local].float()
+        return self._layer_state(self.index[name], tp)[name].float()
 
-    def full_tensor(self, plain: str, key: str = "fp32") -> torch.Tensor:
+    def full_tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
         """One full (TP-merged) fp32 tensor."""
-        if plain not in self.index:
-            outside = self.client_state.get(OUTSIDE_KEY) or {}
-            if plain not in outside:
-                raise CheckpointError(f"{self.folder}: tensor '{plain}' is not in the checkpoint")
-            tensor = outside[plain].float()
-            return tensor if key == "fp32" else torch.zeros_like(tensor)  # never trained in this stage
-        layer, local, place = self.index[plain]
-        shards = [self._local(layer, local, tp, key) for tp in range(self.tp)]
+        if name not in self.index:
+            raise CheckpointError(f"{self.folder}: tensor '{name}' is not in the checkpoint")
+        shards = [self._local(name, tp, key) for tp in range(self.tp)]
+        place = self.place.get(name)
         return shards[0] if place is None else unshard(shards, *place)
 
     def step(self) -> int | None:

@@ -13,8 +13,7 @@ The forward code of the model decides none of this per call; this step applies, 
    change (DeepSpeed checkpoints and the converters rely on them); checkpointing, applied before,
    is traced into the compiled block. Embeddings, heads and losses stay eager.
 
-The pipeline-parallel layers (pipeline_layers.py) checkpoint a whole layer themselves and are not
-compiled by this step.
+The pipeline (training/pipeline_module.py) runs these same blocks, as this step left them.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vlmo_large.parallel.collectives import group_rank
+from vlmo_large.tasks.passes import encode
 from vlmo_large.tasks.loss_weights import LossWeights
 
 DATA_KINDS = ("image", "text", "image_text", "vqa", "nlvr2")  # the data loader's kinds (data/loader.py)
@@ -53,14 +54,19 @@ class StepContext:
 
 
 class Task:
-    """A training objective. Subclasses set the class attributes and implement forward.
+    """A training objective. Subclasses set the class attributes and implement `inputs` and `score`
+    (and `probe` when they have probe passes): `forward` chains them around the encoder passes, and
+    the pipeline calls the same pieces on the stages that hold what they use. A task that implements
+    `forward` alone (a plugin) trains in one process only.
 
     name: the run config's `stage` value that selects it. data_kind: the loader kind it reads
     (DATA_KINDS). passes: its encoder calls in order (EncoderPass). terms: the names of the terms its
     forward reports besides "loss". trainable: regexes (full match) over VLMo's parameter names;
     the rest is frozen; None: everything trains. min_global_batch: the fewest samples a step may
     hold across data-parallel ranks. retrieval: held-out evaluation may also run zero-shot
-    retrieval (eval.retrieval_json) with this task's model.
+    retrieval (eval.retrieval_json) with this task's model. probe_passes: indices of `passes` whose
+    outputs `probe` turns into what the other passes' inputs need (stage vl: the ITC logits, which
+    pick the ITM hard negatives); the pipeline runs them first as a no-grad schedule.
     """
     name: str = ""
     data_kind: str = "image_text"
@@ -69,14 +75,45 @@ class Task:
     trainable: tuple[str, ...] | None = None
     min_global_batch: int = 1
     retrieval: bool = False
+    probe_passes: tuple[int, ...] = ()
 
     @property
     def reads_text(self) -> bool:
         return self.data_kind != "image"
 
-    def forward(self, model, batch: dict, ctx: StepContext) -> dict:
-        """-> {"loss": the scalar to backpropagate, and each of `terms`: a detached-able scalar}."""
+    @property
+    def in_pieces(self) -> bool:
+        """Whether the task implements inputs/score (what the pipeline calls)."""
+        return type(self).score is not Task.score
+
+    def inputs(self, batch: dict, ctx: StepContext, probe=None) -> list:
+        """The PassInput (tasks/passes.py) of each of `passes`; with probe passes and probe=None,
+        None for the passes that need the probe."""
         raise NotImplementedError
+
+    def probe(self, model, outputs: list, batch: dict, ctx: StepContext) -> tuple:
+        """Tensors `inputs` needs, from the PassOutputs of `probe_passes` (their main states only)."""
+        raise NotImplementedError
+
+    def score(self, model, outputs: list, batch: dict, ctx: StepContext) -> dict:
+        """The PassOutput of each pass -> {"loss": the scalar to backpropagate, and each of `terms`}."""
+        raise NotImplementedError
+
+    def encode(self, model, indices, inputs: list) -> dict:
+        """{index: PassOutput} of passes `indices` in one process (a task may run some together)."""
+        return {i: encode(model, self.passes[i], inputs[i]) for i in indices}
+
+    def forward(self, model, batch: dict, ctx: StepContext) -> dict:
+        """-> {"loss": the scalar to backpropagate, and each of `terms`: a detached-able scalar}.
+        In one process the probe reads the training passes' own outputs (no extra pass)."""
+        outputs, probe = {}, None
+        if self.probe_passes:
+            outputs = self.encode(model, self.probe_passes, self.inputs(batch, ctx))
+            with torch.no_grad():
+                probe = self.probe(model, [outputs[i] for i in self.probe_passes], batch, ctx)
+        rest = [i for i in range(len(self.passes)) if i not in outputs]
+        outputs.update(self.encode(model, rest, self.inputs(batch, ctx, probe)))
+        return self.score(model, [outputs[i] for i in range(len(self.passes))], batch, ctx)
 
     def heads(self, cfg, options) -> dict:
         """New modules this task adds to VLMo, by attribute name (e.g. a fine-tuning classifier;

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmo_large.tasks.base import EncoderPass, StepContext, Task
-from vlmo_large.tasks.loss_weights import LossWeights
-from vlmo_large.tasks.losses import ITM_PAIRS, contrastive_loss, itm_pairs, mlm_head_flops, mlm_loss
+from vlmo_large.tasks.losses import ITM_PAIRS, contrastive_loss, itm_labels, itm_pairs, mlm_head_flops, mlm_loss
+from vlmo_large.tasks.passes import PassInput, PassOutput
 from vlmo_large.tasks.registry import register
 
 
@@ -21,11 +21,53 @@ class VisionLanguage(Task):
     terms = ("itc", "itc_vl", "itm", "mlm", "itm_acc", "logit_scale")
     trainable = None
     min_global_batch = 2  # an ITM negative is another sample of the global batch
+    probe_passes = (0, 1)  # the ITC logits pick the fused pass's hard negatives
     retrieval = True
 
-    def forward(self, model, batch: dict, ctx: StepContext = StepContext()) -> dict:
-        generator = ctx.generator(batch["image"].device)
-        return vl_losses(model, batch, ctx.weights, ctx.group, generator, ctx.mlm_slots)
+    def inputs(self, batch: dict, ctx: StepContext, probe=None) -> list:
+        """The image and text passes; with the ITC logits (probe), the fused pass: the MLM rows, then
+        the 3B ITM pairs (itm_pairs: hard negatives drawn from this step's generator)."""
+        unimodal = [PassInput(image=batch["image"]), PassInput(ids=batch["text_ids"], mask=batch["text_mask"])]
+        if probe is None:
+            return unimodal + [None]
+        i2t, t2i = probe
+        pairs = itm_pairs(batch, i2t, t2i, ctx.group, ctx.generator(batch["image"].device),
+                          ctx.weights.itm_skip_identical_text)
+        fused = PassInput(ids=torch.cat([batch["mlm_ids"], pairs["text_ids"]]),
+                          mask=torch.cat([batch["text_mask"], pairs["text_mask"]]),
+                          image=torch.cat([batch["image"], pairs["image"]]))
+        return unimodal + [fused]
+
+    def probe(self, model, outputs: list, batch: dict, ctx: StepContext) -> tuple:
+        """This rank's rows of the global ITC logits (i2t, t2i)."""
+        image, text = outputs
+        _, i2t, t2i = contrastive_loss(*model.itc(image.x[:, 0], text.x[:, 0]), model.itc.logit_scale, ctx.group)
+        return i2t, t2i
+
+    def encode(self, model, indices, inputs: list) -> dict:
+        """With cfg.pack_unimodal, the image and text passes as one packed pass (backbone.py)."""
+        if model.cfg.pack_unimodal and tuple(indices) == self.probe_passes:
+            (image, image_vl), (text, text_vl) = model.backbone.encode_image_and_text(
+                inputs[0].image, inputs[1].ids, inputs[1].mask)
+            return {0: PassOutput(image, image_vl), 1: PassOutput(text, text_vl)}
+        return super().encode(model, indices, inputs)
+
+    def score(self, model, outputs: list, batch: dict, ctx: StepContext) -> dict:
+        """ITC on the final and the VL-branch CLS, MLM on the fused MLM rows, ITM on the pairs' CLS."""
+        image, text, fused = outputs
+        B = batch["text_ids"].shape[0]
+        itc_main, _, _ = contrastive_loss(*model.itc(image.x[:, 0], text.x[:, 0]), model.itc.logit_scale, ctx.group)
+        itc_vl, _, _ = contrastive_loss(*model.itc_vl(image.vl[:, 0], text.vl[:, 0]), model.itc_vl.logit_scale,
+                                        ctx.group)
+        mlm = mlm_loss(model.mlm_head, fused.x[:B], batch["mlm_labels"], ctx.mlm_slots)
+        itm_logits = model.itm_head(model.pooler(fused.x[B:])).float()
+        labels = itm_labels(B, itm_logits.device)
+        itc = (itc_main + itc_vl) / 2
+        itm = F.cross_entropy(itm_logits, labels)
+        itm_acc = (itm_logits.argmax(-1) == labels).float().mean()
+        total = ctx.weights.itc * itc + ctx.weights.itm * itm + ctx.weights.mlm * mlm
+        return {"loss": total, "itc": itc, "itc_vl": itc_vl, "itm": itm, "mlm": mlm, "itm_acc": itm_acc,
+                "logit_scale": model.itc.logit_scale.detach().exp().reshape(())}
 
     def head_flops(self, cfg, batch: dict, data_parallel: int) -> float:
         D, B = cfg.embed_dim, batch["text_mask"].shape[0]
@@ -37,36 +79,3 @@ class VisionLanguage(Task):
         from vlmo_large.evaluation import evaluate_pretraining  # matplotlib and friends: only when evaluating
         return evaluate_pretraining(model, batches)
 
-
-def vl_losses(model, batch: dict, weights: LossWeights = LossWeights(), group=None,
-              generator: torch.Generator | None = None, mlm_slots: int | None = None) -> dict:
-    """The MLM pairs and the 3B ITM pairs go through the fused encoder as one batch.
-    mlm_slots: see losses.mlm_loss."""
-    bb = model.backbone
-    image_pass, text_pass, fused_pass = VisionLanguage.passes
-    B, T = batch["text_ids"].shape
-    assert image_pass.vl_branch and text_pass.vl_branch and image_pass.keep == text_pass.keep == "cls"
-    (image, image_vl), (text, text_vl) = bb.encode_image_and_text(batch["image"], batch["text_ids"],
-                                                                  batch["text_mask"])
-    itc_main, i2t, t2i = contrastive_loss(*model.itc(image[:, 0], text[:, 0]), model.itc.logit_scale, group)
-    itc_vl, _, _ = contrastive_loss(*model.itc_vl(image_vl[:, 0], text_vl[:, 0]), model.itc_vl.logit_scale, group)
-
-    pairs = itm_pairs(batch, i2t.detach(), t2i.detach(), group, generator, weights.itm_skip_identical_text)
-    fused_ids = torch.cat([batch["mlm_ids"], pairs["text_ids"]])
-    assert fused_ids.shape[0] == fused_pass.copies * B, "VisionLanguage.passes no longer describes the fused pass"
-    fused = bb.encode_pair(fused_ids, torch.cat([batch["text_mask"], pairs["text_mask"]]),
-                           torch.cat([batch["image"], pairs["image"]]), keep=fused_pass.kept(T))
-    mlm = mlm_loss(model.mlm_head, fused[:B], batch["mlm_labels"], mlm_slots)
-    itm_logits = model.itm_head(model.pooler(fused[B:])).float()
-    return vl_loss_terms(itc_main, itc_vl, mlm, itm_logits, pairs["labels"], weights, model.itc.logit_scale)
-
-
-def vl_loss_terms(itc_main, itc_vl, mlm, itm_logits, itm_labels, weights: LossWeights, logit_scale) -> dict:
-    """The weighted loss and the reported terms from the heads' outputs (the pipeline's last stage
-    calls this too)."""
-    itc = (itc_main + itc_vl) / 2
-    itm = F.cross_entropy(itm_logits, itm_labels)
-    itm_acc = (itm_logits.argmax(-1) == itm_labels).float().mean()
-    total = weights.itc * itc + weights.itm * itm + weights.mlm * mlm
-    return {"loss": total, "itc": itc, "itc_vl": itc_vl, "itm": itm, "mlm": mlm, "itm_acc": itm_acc,
-            "logit_scale": logit_scale.detach().exp().reshape(())}

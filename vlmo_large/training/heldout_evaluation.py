@@ -3,7 +3,10 @@ task adds (Task.heldout_metrics; stage vl: zero-shot retrieval R@1/R@5 both ways
 MLM accuracy), plus, for a task with `retrieval`, held-out retrieval and a retrieval-examples figure
 when a retrieval split (images + captions JSON) is configured.
 
-Every rank calls it (the metrics are collectives over the data-parallel group).
+Every rank calls it (the metrics are collectives over the data-parallel group). With pipeline
+parallelism the loss terms go through the pipeline (PipelineStep.evaluate: computed on the last
+stage, sent to the others); the task's other metrics and retrieval need the whole model in one
+process and are left out.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ class HeldOutEvaluator:
                               image_size=model_cfg.image_size, max_text_len=model_cfg.max_text_len, train=False,
                               rank=state.dp_rank(), world_size=state.dp_size(), seed=cfg.seed,
                               mlm_prob=cfg.data.mlm_prob, mim_ratio=cfg.data.mim_ratio,
-                              patch_size=model_cfg.patch_size, pixels="uint8")  # to_device normalises
+                              patch_size=model_cfg.patch_size, pixels="uint8",  # to_device normalises
+                              answers=cfg.task.answers if self.task.data_kind == "vqa" else None)
         dtype = model_dtype(engine)
         return [to_device(b, engine.device, dtype) for b in islice(loader, self.cfg.eval.batches)]
 
@@ -47,13 +51,20 @@ class HeldOutEvaluator:
         if self.cfg.eval.shards:
             batches = self._batches(engine)
             results.update(self._loss_terms(engine, batches, step))
-            results.update(self.task.heldout_metrics(model, batches))
-        if self.cfg.eval.retrieval_json and self.task.retrieval:
+            if self.cfg.parallel.pp == 1:
+                results.update(self.task.heldout_metrics(model, batches))
+        if self.cfg.eval.retrieval_json and self.task.retrieval and self.cfg.parallel.pp == 1:
             results.update(self._retrieval(model, step))
         return results
 
     def _loss_terms(self, engine, batches, step: int) -> dict:
         from vlmo_large.training.trainer import mean_over_data_parallel
+        if self.cfg.parallel.pp > 1:
+            from vlmo_large.data.masking import max_masked_tokens
+            from vlmo_large.training.pipeline_engine import PipelineStep
+            slots = max_masked_tokens(self.resolved.model.max_text_len, self.cfg.data.mlm_prob)
+            sums = PipelineStep(engine, self.cfg.loss, self.cfg.seed, slots).evaluate(batches, step)
+            return mean_over_data_parallel({k: v.to(engine.device) for k, v in sums.items()}, len(batches))
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             for k, v in engine(batch, step).items():
