@@ -72,3 +72,20 @@ def test_reference_finetuned_file_round_trips_and_keeps_its_logits(tmp_path, tas
     expected = _logits(task, source, batch)
     assert expected.shape == (3, ANSWERS if task_name == "vqa" else 2)
     assert torch.equal(_logits(task, target, batch), expected)
+
+
+def test_a_finetuned_export_goes_through_from_plain_with_its_heads(tmp_path):
+    """from-plain reads the heads from the plain folder (the preset's layout has none) and splits
+    them with the rest; loading the TP=2 files back in one process restores every tensor."""
+    from vlmo_large.checkpoint import load_sharded_plain, write_sharded
+    from vlmo_large.checkpoint.plain import write_export
+
+    task, source, batch = _source("vqa")
+    write_export(str(tmp_path / "export"), source.state_dict(), source.cfg)
+    write_sharded(str(tmp_path / "export"), str(tmp_path / "tp2"), tp=2)
+    target = build_model(source.cfg, heads=task.heads(source.cfg, TaskOptions(num_answers=ANSWERS)), seed=9).eval()
+    report = load_sharded_plain(target, str(tmp_path / "tp2"))
+    assert "vqa_classifier.3.weight" in report.loaded
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], tensor), name
+    assert torch.equal(_logits(task, target, batch), _logits(task, source, batch))

@@ -20,11 +20,14 @@ class TensorInfo:
     place: tuple[int, int] | None  # (partition dim, stride) when TP-split, None when replicated
 
 
-def model_layout(cfg: ModelConfig) -> dict[str, TensorInfo]:
-    """Every state-dict tensor of VLMo(cfg), in state-dict order."""
+def model_layout(cfg: ModelConfig, shapes: dict[str, tuple] | None = None) -> dict[str, TensorInfo]:
+    """Every state-dict tensor of VLMo(cfg), in state-dict order. shapes: {name: shape} of a
+    checkpoint's tensors: the fine-tuning heads among them (formats/reference.py finetuned_heads)
+    are part of the layout too."""
+    from vlmo_large.formats.reference import finetuned_heads
     from vlmo_large.model import build_model
 
-    model = build_model(cfg, device="meta")
+    model = build_model(cfg, device="meta", heads=finetuned_heads(shapes or {}, cfg))
     params = dict(model.named_parameters())
     return {name: TensorInfo(tuple(t.shape), placement(params[name]) if name in params else None)
             for name, t in model.state_dict().items()}

@@ -42,7 +42,7 @@ def write_sharded(plain_path: str, out_dir: str, tp: int, pp: int = 1, cfg: Mode
     if plain.naming != "vlmo_large":
         raise CheckpointError(f"{plain_path} uses {plain.naming} tensor names; turn it into this project's layout "
                               "with `import-reference` first (it also initialises what that layout lacks)")
-    layout = model_layout(cfg)
+    layout = model_layout(cfg, {name: plain.shape(name) for name in plain.names()})  # a fine-tuned model's heads too
     for name in layout:
         if name not in plain:
             raise CheckpointError(f"{plain_path}: tensor '{name}' of preset '{cfg.name}' is missing")
