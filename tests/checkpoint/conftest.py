@@ -45,16 +45,23 @@ def tp2_dp2_run(tmp_path_factory):
     return Run(tmp_path_factory.mktemp("tp2dp2"), 4, tp=2, zero=1, steps=4, save_at=2)
 
 
-@pytest.fixture(scope="session")
-def zero3_run(tmp_path_factory):
-    """TP=1 x DP=2, ZeRO-3, fp32: 2 steps."""
-    return Run(tmp_path_factory.mktemp("zero3"), 2, tp=1, zero=3, steps=2)
+class Trained:
+    """One layout of every_layout as a run: its checkpoint folder and probe outputs (at the save)."""
+
+    def __init__(self, every_layout: dict, layout: str):
+        self.ckpt, self.probe = every_layout[layout]
 
 
 @pytest.fixture(scope="session")
-def bf16_run(tmp_path_factory):
-    """TP=2 x DP=1, ZeRO-2, bf16: 1 step."""
-    return Run(tmp_path_factory.mktemp("bf16"), 2, tp=2, zero=2, bf16=True, steps=1)
+def zero3_run(every_layout):
+    """TP=1 x DP=2, ZeRO-3, fp32: one step (every_layout's tp1-z3)."""
+    return Trained(every_layout, "tp1-z3")
+
+
+@pytest.fixture(scope="session")
+def bf16_run(every_layout):
+    """TP=2 x DP=1, ZeRO-2, bf16: one step (trained in every_layout's session)."""
+    return Trained(every_layout, "tp2-z2-bf16")
 
 
 def assert_outputs_equal(got: dict, want: dict, atol: float = 1e-6) -> None:
@@ -69,8 +76,11 @@ LAYOUTS = ("tp1-z0", "tp2-z0", "tp1-z1", "tp2-z1", "tp1-z2", "tp2-z2", "tp1-z3",
 @pytest.fixture(scope="session")
 def every_layout(tmp_path_factory):
     """One torchrun session (2 ranks) training one step and saving each of LAYOUTS: TP=2 or DP=2 at
-    every ZeRO stage, and bf16 at ZeRO-0 -> {layout: (checkpoint folder, probe outputs)}."""
+    every ZeRO stage, and bf16 at ZeRO-0; and bf16_run's TP=2 ZeRO-2 bf16 (its bf16 weights are TP
+    shards, which test_every_layout's per-file bf16 check does not read) -> {layout: (checkpoint
+    folder, probe outputs)}. One session instead of one launch per run: the start-ups are paid once."""
     root = tmp_path_factory.mktemp("layouts")
     (root / "probe").mkdir()
-    torchrun(TRAIN, ["--layouts", ",".join(LAYOUTS), "--save", root, "--probe", root / "probe"], nproc=2)
-    return {name: (root / name, torch.load(root / "probe" / f"{name}.pt", weights_only=True)) for name in LAYOUTS}
+    trained = (*LAYOUTS, "tp2-z2-bf16")
+    torchrun(TRAIN, ["--layouts", ",".join(trained), "--save", root, "--probe", root / "probe"], nproc=2)
+    return {name: (root / name, torch.load(root / "probe" / f"{name}.pt", weights_only=True)) for name in trained}
