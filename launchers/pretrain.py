@@ -1,8 +1,16 @@
-"""Pretrain VLMo: one stage (mim, text_mlm or vl) from a run config and a DeepSpeed config.
+"""Train VLMo: a pretraining stage (mim, text_mlm, vl) or a fine-tuning task (vqa, nlvr2, retrieval),
+from a run config and a DeepSpeed config.
 
     deepspeed launchers/pretrain.py --ds_config ds_configs/cpu_fp32.json --config run.yaml schedule.steps=50
     torchrun --nproc_per_node 2 launchers/pretrain.py --ds_config ... --config ... [key=value ...]
     python launchers/pretrain.py --ds_config ... --config ...          # one process
+    deepspeed launchers/pretrain.py --ds_config ds_configs/zero2_bf16.json --config configs/finetune/vqa.yaml \
+        --init runs/pretrain/export                                      # fine-tune a pretrained export
+
+The run config's `stage` names the task. `--init` starts from any checkpoint this project writes or a
+reference VLMo file; fine-tuning adds the task's heads and adapts the image size
+(training/initialization.py). The export at the end carries the tokenizer, preprocessing and task
+options, so tools/evaluate.py needs nothing else.
 
 Every problem a user can fix (vlmo_large.errors.UserError: config, --init, resume, data, a
 busy output folder, divergence, a failed checkpoint write) is reported as one line `error: ...`
@@ -28,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (ZeRO, precision)")
     parser.add_argument("--config", default=None, help="run config, YAML or JSON")
-    parser.add_argument("--init", default=None, help="weights to start from (overrides the run config's init)")
+    parser.add_argument("--init", default=None, help="weights to start from: an export, plain, sharded or DeepSpeed "
+                        "checkpoint, or a reference VLMo file (overrides the run config's init)")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--threads", type=int, default=None,

@@ -69,5 +69,7 @@ def adapt_to_config(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[d
     if modality is not None and IMAGE_ROW < modality.shape[0] < cfg.num_modality_types:
         extra = modality[IMAGE_ROW:IMAGE_ROW + 1].expand(cfg.num_modality_types - modality.shape[0], -1)
         out[MODALITY] = torch.cat([modality, extra], 0)
-        notes.append(f"{MODALITY}: rows {modality.shape[0]}..{cfg.num_modality_types - 1} start as the image row")
+        added = range(modality.shape[0], cfg.num_modality_types)
+        notes.append(f"{MODALITY}: row{'s' if len(added) > 1 else ''} {', '.join(map(str, added))} start as "
+                     f"the image row ({IMAGE_ROW})")
     return out, notes

@@ -7,6 +7,7 @@ memory so that megatron-core's layers run unchanged at TP=1.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -94,6 +95,9 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:  # DeepSpeed caches a clone of the world group and the mpu: stale in the next run
+        groups._WORLD_GROUP, groups.mpu = None, None
 
 
 class DeepSpeedMPU:
