@@ -48,7 +48,8 @@ class StartedTorchrun:
 
 @pytest.fixture(scope="session")
 def multi_rank_results(tmp_path_factory):
-    """One torchrun (2 ranks, ZeRO-3) running every multi-process check of dist_worker.py."""
+    """One torchrun (2 ranks, ZeRO-3) running every multi-process check of dist_worker.py (those of
+    test_multi_rank.py and test_itm_negatives_exchange.py)."""
     out = tmp_path_factory.mktemp("multi_rank")
     run_torchrun([os.path.join(REPO, "tests", "training", "dist_worker.py"), str(out)])
     return out

@@ -1,6 +1,7 @@
 """Runs inside every rank of `torchrun --nproc_per_node 2` (gloo, ZeRO-3, tiny): the multi-process
-checks of tests/training, each writing what it observed to <out>/<check>.pt from rank 0.
-The assertions against independent single-process computations live in test_multi_rank.py.
+checks of tests/training, each writing what it observed to <out>/<check>.pt from rank 0
+(itm_exchange_worker.py's from every rank). The assertions against independent single-process
+computations live in test_multi_rank.py and test_itm_negatives_exchange.py.
 
     torchrun --standalone --nproc_per_node 2 tests/training/dist_worker.py OUT_DIR
 """
@@ -15,6 +16,7 @@ import torch.distributed as dist  # noqa: E402
 
 from tests.training.common import (GLOBAL_BATCH, ITM_TRIALS, itc_inputs, itm_inputs, run_config,  # noqa: E402
                                    ds_config, fresh_heads)
+from tests.training.itm_exchange_worker import record_exchange  # noqa: E402
 from vlmo_large.parallel import state  # noqa: E402
 
 
@@ -82,6 +84,7 @@ def check_training(out: str) -> None:
 def main() -> None:
     out = sys.argv[1]
     state.ensure_initialized(1, 1)
+    record_exchange(out)  # test_itm_negatives_exchange.py's ranks
     check_itc(out)
     check_itm(out)
     check_training(out)

@@ -1,20 +1,16 @@
-"""Runs inside every rank of `torchrun --nproc_per_node 2` (gloo): ITM negative images fetched by
-all-to-all (collectives.gather_global_rows, tasks.losses.itm_pairs). Each rank saves what it got to
-<out>/rank<r>.pt; test_itm_negatives_exchange.py checks it against one process's indexing.
-
-    torchrun --standalone --nproc_per_node 2 tests/training/itm_exchange_worker.py OUT_DIR
+"""Runs inside every rank of dist_worker.py's torchrun (2 ranks, gloo; one launch for both sets of
+checks): ITM negative images fetched by all-to-all (collectives.gather_global_rows,
+tasks.losses.itm_pairs). Each rank saves what it got to <out>/itm_exchange_rank<r>.pt;
+test_itm_negatives_exchange.py checks it against one process's indexing.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from tests.training.common import GLOBAL_BATCH, ITM_TRIALS, itm_inputs  # noqa: E402
-from vlmo_large.parallel.collectives import gather_global_rows  # noqa: E402
-from vlmo_large.tasks.losses import itm_pairs  # noqa: E402
+from tests.training.common import GLOBAL_BATCH, ITM_TRIALS, itm_inputs
+from vlmo_large.parallel.collectives import gather_global_rows
+from vlmo_large.tasks.losses import itm_pairs
 
 ROW_TRIALS = 12
 
@@ -31,8 +27,8 @@ def wanted_rows(trial: int, rank: int, n: int) -> torch.Tensor:
     return torch.randint(0, GLOBAL_BATCH, (n,), generator=gen)  # repeats included
 
 
-def main(out: str) -> None:
-    dist.init_process_group("gloo")
+def record_exchange(out: str) -> None:
+    """In the default process group (already initialised) of every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
     B = GLOBAL_BATCH // world
     gathered_shapes = []  # every all_gather of the ITM step: images must not be among them
@@ -43,24 +39,23 @@ def main(out: str) -> None:
         return real_all_gather(parts, tensor, *args, **kwargs)
 
     dist.all_gather = recording_all_gather
-    rows = []
-    for trial in range(ROW_TRIALS):
-        for dtype in (torch.float32, torch.bfloat16):
-            local = global_rows(trial, dtype)[rank * B:(rank + 1) * B]
-            wanted = wanted_rows(trial, rank, B)
-            rows.append({"trial": trial, "dtype": dtype, "wanted": wanted, "got": gather_global_rows(local, wanted)})
-    gathered_shapes.clear()
-    batch, i2t, t2i = itm_inputs(rank, world)
-    pairs = []
-    for trial in range(ITM_TRIALS):
-        gen = torch.Generator().manual_seed(1000 * trial + rank)
-        p = itm_pairs(batch, i2t, t2i, None, gen)
-        pairs.append({k: p[k] for k in ("image_for_text", "text_for_image", "image", "text_ids", "text_mask",
-                                        "labels")})
+    try:
+        rows = []
+        for trial in range(ROW_TRIALS):
+            for dtype in (torch.float32, torch.bfloat16):
+                local = global_rows(trial, dtype)[rank * B:(rank + 1) * B]
+                wanted = wanted_rows(trial, rank, B)
+                rows.append({"trial": trial, "dtype": dtype, "wanted": wanted,
+                             "got": gather_global_rows(local, wanted)})
+        gathered_shapes.clear()
+        batch, i2t, t2i = itm_inputs(rank, world)
+        pairs = []
+        for trial in range(ITM_TRIALS):
+            gen = torch.Generator().manual_seed(1000 * trial + rank)
+            p = itm_pairs(batch, i2t, t2i, None, gen)
+            pairs.append({k: p[k] for k in ("image_for_text", "text_for_image", "image", "text_ids", "text_mask",
+                                            "labels")})
+    finally:
+        dist.all_gather = real_all_gather  # dist_worker's other checks run on in this process
     torch.save({"rows": rows, "pairs": pairs, "gathered_shapes": gathered_shapes},
-               os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+               os.path.join(out, f"itm_exchange_rank{rank}.pt"))

@@ -1,12 +1,10 @@
 """ITM hard-negative images travel by all-to-all (only the drawn ones), with the same result as
-indexing the whole global batch on one process: two real ranks (torchrun, gloo)."""
-import os
-
+indexing the whole global batch on one process: two real ranks (torchrun, gloo; the launch of
+dist_worker.py, shared with test_multi_rank.py)."""
 import pytest
 import torch
 
 from tests.training.common import GLOBAL_BATCH, ITM_TRIALS, itm_inputs
-from tests.training.conftest import REPO, run_torchrun
 from tests.training.itm_exchange_worker import global_rows, wanted_rows
 from vlmo_large.parallel.collectives import gather_global_rows
 from vlmo_large.tasks.losses import sample_hard_negatives
@@ -15,10 +13,9 @@ WORLD = 2
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("itm_exchange")
-    run_torchrun([os.path.join(REPO, "tests", "training", "itm_exchange_worker.py"), str(out)], nproc=WORLD)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def ranks(multi_rank_results):
+    """What each rank of dist_worker.py's launch recorded (itm_exchange_worker.py)."""
+    return [torch.load(multi_rank_results / f"itm_exchange_rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 def test_fetched_rows_equal_indexing_the_concatenated_batch(ranks):
