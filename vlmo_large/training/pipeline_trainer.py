@@ -4,8 +4,10 @@
 
 The loop, logging, checkpoint protocol, resume, metrics file and model build (seed or `init`,
 freezing, parallelize) are Trainer's; what differs:
-  - each rank keeps its stage of the model (training/pipeline_module.py) inside DeepSpeed's
-    pipeline engine, whose checkpoints name every tensor by its VLMo name;
+  - the model: only this rank's stage gets storage and its initial values (parallel/stage_build.py,
+    the same numbers as the whole build); the other stages' tensors stay on the meta device until
+    the pipeline (training/pipeline_module.py) drops them. DeepSpeed's pipeline engine then names
+    every tensor of its checkpoints by its VLMo name;
   - a step: `grad_accum` micro-batches go through PipelineStep as one pipeline schedule (stage vl:
     the ITC logits and the hard-negative pool are per micro-batch, as one process with grad_accum=1);
   - held-out evaluation (training/heldout_evaluation.py): the loss terms through the pipeline;
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from torch.optim.lr_scheduler import LambdaLR
 
 from vlmo_large.checkpoint.plain import write_export
 from vlmo_large.data.masking import max_masked_tokens
 from vlmo_large.parallel import state
+from vlmo_large.parallel.stage_build import build_stage
 from vlmo_large.training.engine import with_torch_fused_adamw
 from vlmo_large.training.optimization import WarmupDecay
 from vlmo_large.training.pipeline_engine import PipelineStep, build_pipeline_engine
@@ -48,6 +52,10 @@ class PipelineTrainer(Trainer):
                                   f"{module._local_stop - 1} of {module._num_layers}")
         self.restore()
 
+    def new_model(self, heads: dict):
+        stage = parallel_state.get_pipeline_model_parallel_rank()  # = DeepSpeed's (pipeline_topology checks)
+        return build_stage(self.resolved.model, stage, self.cfg.parallel.pp, tp_group=state.tp_group(), heads=heads)
+
     def train_step(self, batches) -> dict:
         micro = [to_device(next(batches), self.engine.device, torch.float32)
                  for _ in range(self.resolved.grad_accum)]
@@ -59,6 +67,6 @@ class PipelineTrainer(Trainer):
         written by rank 0."""
         full = gather_plain_state_dict(self.engine.module)
         if self.rank == 0:
-            write_export(out_dir, full, self.resolved.model)
+            write_export(out_dir, full, self.resolved.model, self.export_extras())
         dist.barrier()
 

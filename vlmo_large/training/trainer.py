@@ -126,7 +126,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (TP layers split a master)
         heads = get_task(cfg.stage).heads(self.resolved.model, cfg.task)  # a fine-tuning task's new modules
         self.head_names = tuple(heads)
-        self.model = build_model(self.resolved.model, tp_group=state.tp_group(), heads=heads)  # setup initialised it
+        self.model = self.new_model(heads)
         self.progress_note = []
         if cfg.init:
             report = load_init_weights(self.model, cfg.init)
@@ -140,6 +140,10 @@ class Trainer:
         parallelize(self.model, plan_from_config(self.resolved.model))
         self.progress_note.append(f"stage {cfg.stage}: {trainable:,} trainable, {frozen:,} frozen parameters "
                                   f"(per TP rank); global batch {self.resolved.global_batch}")
+
+    def new_model(self, heads: dict):
+        """VLMo with the task's heads, initialised from the seed just set (the groups exist: setup)."""
+        return build_model(self.resolved.model, tp_group=state.tp_group(), heads=heads)
 
     def restore(self) -> None:
         """The data loader, and the engine, step and data position of `resume` if set."""
