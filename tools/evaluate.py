@@ -230,20 +230,14 @@ def resolve_data(args) -> dict:
 
 # -- the tasks ----------------------------------------------------------------------------------
 def retrieval(model, tokenizer, data: dict, args) -> dict:
-    """R@k both ways over the whole split, by rank 0 (the others wait)."""
-    import torch.distributed as dist
-
+    """R@k both ways over the whole split: each rank encodes its share of the images and captions
+    (heldout_retrieval sharded), every rank ranks the gathered features by chunked top-k."""
     from vlmo_large.evaluation.heldout_retrieval import heldout_retrieval
 
-    metrics = {}
-    if _rank() == 0:
-        cfg = model.cfg
-        metrics, _ = heldout_retrieval(model, data, tokenizer, cfg.image_size, cfg.max_text_len,
-                                       batch_size=args.batch, rerank_k=args.options.rerank_k)
-        metrics["num_images"] = round(1 / metrics["chance_r1"])
-    if dist.is_initialized():
-        dist.barrier()
-    return metrics
+    cfg = model.cfg
+    metrics, _ = heldout_retrieval(model, data, tokenizer, cfg.image_size, cfg.max_text_len, batch_size=args.batch,
+                                   rerank_k=args.options.rerank_k, sharded=True)
+    return {**metrics, "num_images": round(1 / metrics["chance_r1"])}
 
 
 def classification(model, tokenizer, data: dict, args) -> dict:

@@ -83,3 +83,23 @@ def test_zero_shot_retrieval_and_one_line_errors(dataset, vqa_export, tmp_path, 
         assert evaluate_main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_two_ranks_equal_one_process(dataset, vqa_export, tmp_path):
+    """torchrun, 2 ranks (gloo): retrieval features encoded half by each rank and gathered, VQA
+    questions split over the ranks; the metrics and the submission equal one process's."""
+    from tests.training.conftest import REPO, run_torchrun
+
+    folder, _ = vqa_export
+    tool = f"{REPO}/tools/evaluate.py"
+    split = ["--data", dataset["retrieval"]["shards"], "--json", dataset["retrieval"]["json"], "--batch", "2"]
+    vqa = ["--data", dataset["vqa"]["val_shards"], "--batch", "1"]
+    for task, args in (("retrieval", split), ("vqa", vqa)):
+        extra = ["--submission", str(tmp_path / "two.sub")] if task == "vqa" else []
+        run_torchrun([tool, str(folder), "--task", task, *args, "--out", str(tmp_path / f"two_{task}.json"), *extra])
+        extra = ["--submission", str(tmp_path / "one.sub")] if task == "vqa" else []
+        assert evaluate_main([str(folder), "--task", task, *args, "--out", str(tmp_path / f"one_{task}.json"),
+                              *extra]) == 0
+        two, one = (json.loads((tmp_path / f"{n}_{task}.json").read_text()) for n in ("two", "one"))
+        assert two.keys() == one.keys() and all(two[k] == pytest.approx(one[k], abs=1e-9) for k in one), (two, one)
+    assert json.loads((tmp_path / "two.sub").read_text()) == json.loads((tmp_path / "one.sub").read_text())
