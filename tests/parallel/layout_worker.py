@@ -1,15 +1,16 @@
 """One stage-3 (vl) optimizer step through the trainer's DeepSpeed engine at a TP x DP x ZeRO layout.
 
-Under torchrun: argv = weights.safetensors out_dir tp zero (dp = world / tp). Every layout starts
-from the same plain weights and the same global batch (`global_batch`, split by data-parallel rank
-with `local_batch`); rank 0 saves to out_dir/result.pt:
+Under torchrun: argv = weights.safetensors out_dir tp:zero[,tp:zero...] (dp = world / tp), the
+layouts in turn in one session (one start-up for all). Every layout starts from the same plain
+weights and the same global batch (`global_batch`, split by data-parallel rank with `local_batch`);
+rank 0 saves to out_dir/tp<tp>_zero<zero>.pt:
     {"ranks": [{"dp": r, "tp": t, "losses": {...}, "negatives": [image_for_text, text_for_image]}],
      "weights": plain state dict after the step (TP-merged, ZeRO-3-gathered)}
 The single-process reference (test_layouts_vs_single_process.py) replays the negatives drawn here.
 """
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -66,8 +67,9 @@ def ds_config(zero: int) -> dict:
             "bf16": {"enabled": False}}
 
 
-def record_negatives() -> list:
-    """Wrap the ITM sampler so that every draw of this rank is kept, in call order."""
+@contextmanager
+def recorded_negatives():
+    """Wrap the ITM sampler so that every draw of this rank is kept, in call order (-> that list)."""
     from vlmo_large.tasks import losses
 
     drawn, sample = [], losses.sample_hard_negatives
@@ -78,10 +80,25 @@ def record_negatives() -> list:
         return out
 
     losses.sample_hard_negatives = recording  # itm_pairs looks it up there
-    return drawn
+    try:
+        yield drawn
+    finally:
+        losses.sample_hard_negatives = sample  # the next layout records its own draws
 
 
-def main(weights_path: str, out_dir: str, tp: int, zero: int) -> None:
+def main(weights_path: str, out_dir: str, layouts: str) -> None:
+    from megatron.core import parallel_state
+
+    from vlmo_large.parallel import state
+
+    for layout in layouts.split(","):
+        tp, zero = map(int, layout.split(":"))
+        step_at_layout(weights_path, os.path.join(out_dir, f"tp{tp}_zero{zero}.pt"), tp, zero)
+        parallel_state.destroy_model_parallel()  # the next layout builds its own groups
+    state.destroy()
+
+
+def step_at_layout(weights_path: str, out_path: str, tp: int, zero: int) -> None:
     import deepspeed
     import torch.distributed as dist
     from safetensors.torch import load_file
@@ -108,8 +125,8 @@ def main(weights_path: str, out_dir: str, tp: int, zero: int) -> None:
     if zero == 0 and dp == 1:  # nothing to average: the step below runs without DeepSpeed's all-reduce
         assert not engine.enable_backward_allreduce
 
-    drawn = record_negatives()
-    out = engine(local_batch(global_batch(model.cfg), state.dp_rank(), dp), 0)
+    with recorded_negatives() as drawn:
+        out = engine(local_batch(global_batch(model.cfg), state.dp_rank(), dp), 0)
     engine.backward(out["loss"])
     engine.step()
 
@@ -121,10 +138,9 @@ def main(weights_path: str, out_dir: str, tp: int, zero: int) -> None:
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if is_zero3(engine) else nullcontext():
         after = gather_full_state_dict(model, state.tp_group())
     if dist.get_rank() == 0:
-        torch.save({"ranks": ranks, "weights": after}, os.path.join(out_dir, "result.pt"))
+        torch.save({"ranks": ranks, "weights": after}, out_path)
     dist.barrier()
-    state.destroy()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -29,14 +29,32 @@ def weights(tiny_weights):
     return tiny_weights
 
 
+def launch(weights, out, names) -> None:
+    """layout_worker.py over `names`, all of one process count, in one torchrun session."""
+    (nproc,) = {LAYOUTS[name][2] for name in names}
+    layouts = ",".join(f"{LAYOUTS[name][0]}:{LAYOUTS[name][1]}" for name in names)
+    run_torchrun([os.path.join(REPO, "tests/parallel/layout_worker.py"), str(weights), str(out), layouts],
+                 nproc=nproc, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(weights, tmp_path_factory):
+    """The two 2-process layouts, one after the other in one launch (one start-up for both)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    launch(weights, out, ["tp2_zero1", "dp2_zero3"])
+    return out
+
+
 @pytest.fixture(scope="module", params=[
     "tp2_zero1", "dp2_zero3", "one_zero0", pytest.param("tp2_dp2_zero3", marks=pytest.mark.slow)])
 def layout_run(request, weights, tmp_path_factory):
     tp, zero, nproc = LAYOUTS[request.param]
-    out = tmp_path_factory.mktemp(request.param)
-    run_torchrun([os.path.join(REPO, "tests/parallel/layout_worker.py"), str(weights), str(out), str(tp), str(zero)],
-                 nproc=nproc, timeout=300)
-    result = torch.load(out / "result.pt", weights_only=True)
+    if nproc == 2:
+        out = request.getfixturevalue("two_rank_results")
+    else:
+        out = tmp_path_factory.mktemp(request.param)
+        launch(weights, out, [request.param])
+    result = torch.load(out / f"tp{tp}_zero{zero}.pt", weights_only=True)
     result["reference"] = reference_step(str(weights), drawn_negatives(result["ranks"]))
     return result
 
