@@ -48,13 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace):
     from vlmo_large.training.run_config import load_run_config, read_mapping
-    from vlmo_large.training.validation import resolve_run
 
     overrides = list(args.overrides)
     overrides += [f"init={args.init}"] if args.init else []
     overrides += [f"resume={args.resume}"] if args.resume else []
     cfg = load_run_config(args.config, overrides)
     ds_config = read_mapping(args.ds_config)
+    # imported once the files are read: validation imports torch and the model's code (seconds), which
+    # a run refused for an unreadable file or an unknown key never needs
+    from vlmo_large.training.validation import resolve_run
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return cfg, resolve_run(cfg, ds_config, world_size, ds_path=args.ds_config)
 
