@@ -88,6 +88,7 @@ def test_train_batch_size_disagreeing_with_the_run_configs_batch(launch):
     (["model.num_heads=0"], "model config 'tiny': model.num_heads=0 must be at least 1"),
     (["model.attention=fast"], "model.attention must be 'auto', 'sdpa', 'flex' or 'explicit', got 'fast'"),
     (["optim.decay_rule=bert"], "optim.decay_rule='bert' must be one of reference, vlmo_large"),
+    (["eval_every=2"], "error: eval_every=2 needs eval.shards or eval.retrieval_json"),
 ])
 def test_out_of_range_or_mistyped_value_names_the_key(launch, overrides, message):
     assert message in launch(*overrides)

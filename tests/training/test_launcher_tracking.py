@@ -1,5 +1,6 @@
 """The launcher logs a run to MLflow's embedded store: params, per-step and held-out metrics, the
-config files, the retrieval-examples figure and the final status; bad eval settings are config errors.
+config files, the retrieval-examples figure and the final status (eval_every without a split is
+refused in test_config_errors.py).
 Across launches: a two-node run is one MLflow run with both nodes' system metrics and each config key
 logged once, `--resume auto` continues that run, and so does the launch after a kill -9."""
 import json
@@ -34,20 +35,7 @@ def _run(args, timeout=240):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-@pytest.fixture(scope="module")
-def eval_without_split(tmp_path_factory, dataset):
-    """The refused `eval_every=2` launch, started when first asked for (by the tracked-run test,
-    so that the two processes start up together) and collected by the test that checks it."""
-    out = tmp_path_factory.mktemp("eval_without_split")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
-    with open(out / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(_args(out / "bad", dataset, "eval_every=2"), stdout=subprocess.DEVNULL, stderr=err,
-                                text=True, env=env, cwd=REPO)
-    yield proc, out / "stderr.txt"
-    proc.kill()
-
-
-def test_run_is_tracked_in_the_embedded_store(tmp_path, dataset, eval_without_split):
+def test_run_is_tracked_in_the_embedded_store(tmp_path, dataset):
     out = tmp_path / "run"
     result = _run(_args(out, dataset, "eval_every=2", f"eval.shards={dataset['image_text']['val']}",
                         "eval.batches=2", f"eval.retrieval_shards={dataset['retrieval']['shards']}",
@@ -66,12 +54,6 @@ def test_run_is_tracked_in_the_embedded_store(tmp_path, dataset, eval_without_sp
     assert {"cpu_fp32.json", "metrics.jsonl", "run_setup.json", "figures"} <= artifacts
     figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
     assert figures == ["figures/retrieval_examples_step000002.png", "figures/retrieval_examples_step000004.png"]
-
-
-def test_eval_every_without_a_split_is_a_config_error(eval_without_split):
-    proc, stderr = eval_without_split
-    assert proc.wait(timeout=240) == 2
-    assert stderr.read_text().strip().splitlines()[-1] == "error: eval_every=2 needs eval.shards or eval.retrieval_json"
 
 
 RANDOM_RUN = ["preset=tiny", "stage=vl", "data.source=random", "batch.micro=2", "schedule.warmup=1",
