@@ -1,13 +1,14 @@
 """One optimizer step of each fine-tuning task (vqa, nlvr2, retrieval, in turn) through the trainer
-(Trainer.setup: the task's heads, --init from a plain weights file, freezing, DeepSpeed engine; then
-Trainer.train_step) at a TP x DP x ZeRO layout, in one torchrun launch.
+(setup: the task's heads, --init from a plain weights file, freezing, the DeepSpeed engine; then
+train_step; PipelineTrainer where pp > 1, as the launcher picks it) at each of several TP x PP x ZeRO
+layouts, one after the other in one torchrun launch (one start-up for all).
 
-Under torchrun: argv = weights_dir out_dir tp zero (dp = world / tp). weights_dir holds
-<task>.safetensors, the tiny model with the task's heads (`task_model`); every layout starts from
-it and from the same global batch (`global_batch`, split by data-parallel rank). Rank 0 saves
-out_dir/result.pt:
-    {task: {"ranks": [{"dp": r, "tp": t, "terms": train_step's data-parallel means}],
-            "weights": plain state dict after the step (TP-merged, ZeRO-3-gathered)}}
+Under torchrun: argv = weights_dir out_dir tp:pp:zero[,tp:pp:zero...] (dp = world / (tp * pp)).
+weights_dir holds <task>.safetensors, the tiny model with the task's heads (`task_model`); every
+layout starts from it and from the same global batch (`global_batch`, split by data-parallel rank).
+Rank 0 saves out_dir/tp<tp>_pp<pp>_zero<zero>.pt:
+    {task: {"ranks": [{"dp": r, "tp": t, "pp": s, "terms": train_step's data-parallel means}],
+            "weights": plain state dict after the step (TP-merged, stages and ZeRO-3 gathered)}}
 The single-process reference is test_finetune_layouts.py.
 """
 import os
@@ -54,55 +55,69 @@ def local_batch(batch: dict, rank: int, world: int) -> dict:
     return {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}  # tensors and host lists alike
 
 
-def run_config(name: str, weights: str, out_dir: str, tp: int, dp: int):
+def run_config(name: str, weights: str, out_dir: str, tp: int, pp: int, dp: int):
     from vlmo_large.training.run_config import RunConfig, build_dataclass
 
     return build_dataclass(RunConfig, {
         "preset": "tiny", "stage": name, "seed": layout_worker.SEED, "init": weights, "output_dir": out_dir,
-        "task": {"num_answers": NUM_ANSWERS}, "data": {"source": "random"}, "parallel": {"tp": tp},
+        "task": {"num_answers": NUM_ANSWERS}, "data": {"source": "random"}, "parallel": {"tp": tp, "pp": pp},
+        # one micro-batch per rank: retrieval's ITC spans one micro-batch, so the step's is the global batch's
         "batch": {"micro": GLOBAL_BATCH // dp, "grad_accum": 1}, "optim": dict(OPTIM),
         "schedule": {"steps": 10, "warmup": 0}, "checkpoint": {"every": 0}})
 
 
-def one_step(name: str, weights: str, out_dir: str, tp: int, zero: int) -> dict:
+def one_step(name: str, weights: str, out_dir: str, tp: int, pp: int, zero: int) -> dict:
     import deepspeed
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from vlmo_large.parallel import state
     from vlmo_large.parallel.sharding import gather_full_state_dict
     from vlmo_large.training.engine import is_zero3
+    from vlmo_large.training.pipeline_module import gather_plain_state_dict
+    from vlmo_large.training.pipeline_trainer import PipelineTrainer
     from vlmo_large.training.trainer import Trainer
     from vlmo_large.training.validation import resolve_run
 
-    dp = dist.get_world_size() // tp
-    cfg = run_config(name, weights, os.path.join(out_dir, name), tp, dp)
-    trainer = Trainer(cfg, resolve_run(cfg, layout_worker.ds_config(zero), dist.get_world_size()))
+    dp = dist.get_world_size() // (tp * pp)
+    cfg = run_config(name, weights, os.path.join(out_dir, name), tp, pp, dp)
+    trainer = (PipelineTrainer if pp > 1 else Trainer)(
+        cfg, resolve_run(cfg, layout_worker.ds_config(zero), dist.get_world_size()))
     trainer.setup()
     assert trainer.engine.zero_optimization_stage() == zero
     terms = trainer.train_step(iter([local_batch(global_batch(name, trainer.model.cfg), state.dp_rank(), dp)]))
 
     ranks = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, {"dp": state.dp_rank(), "tp": state.tp_rank(), "terms": terms})
-    params = list(trainer.model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if is_zero3(trainer.engine) else nullcontext():
-        after = gather_full_state_dict(trainer.model, state.tp_group())
+    mine = {"dp": state.dp_rank(), "tp": state.tp_rank(), "pp": parallel_state.get_pipeline_model_parallel_rank(), "terms": terms}
+    dist.all_gather_object(ranks, mine)
+    if pp > 1:
+        after = gather_plain_state_dict(trainer.engine.module)
+    else:
+        params = list(trainer.model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if is_zero3(trainer.engine) \
+                else nullcontext():
+            after = gather_full_state_dict(trainer.model, state.tp_group())
     trainer.engine.destroy()  # its ZeRO-3 hooks must not reach the next task's model
     return {"ranks": ranks, "weights": after}
 
 
-def main(weights_dir: str, out_dir: str, tp: int, zero: int) -> None:
+def main(weights_dir: str, out_dir: str, layouts: str) -> None:
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from vlmo_large.parallel import state
 
-    state.ensure_initialized(tp, 1)  # the world size is needed before the trainer's setup makes the groups
-    results = {name: one_step(name, os.path.join(weights_dir, f"{name}.safetensors"), out_dir, tp, zero)
-               for name in TASKS}
-    if dist.get_rank() == 0:
-        torch.save(results, os.path.join(out_dir, "result.pt"))
+    for layout in layouts.split(","):
+        tp, pp, zero = map(int, layout.split(":"))
+        state.ensure_initialized(tp, pp)  # the world size is needed before the trainer's setup
+        results = {name: one_step(name, os.path.join(weights_dir, f"{name}.safetensors"), out_dir, tp, pp, zero)
+                   for name in TASKS}
+        if dist.get_rank() == 0:
+            torch.save(results, os.path.join(out_dir, f"tp{tp}_pp{pp}_zero{zero}.pt"))
+        parallel_state.destroy_model_parallel()  # the next layout builds its own groups
     dist.barrier()
     state.destroy()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    main(*sys.argv[1:4])
