@@ -49,3 +49,18 @@ def reference_heldout(weights_path: str, stage: str) -> dict:
             for name, value in objective(mb, step=0).items():
                 sums[name] = sums.get(name, 0.0) + value.item()
     return sums
+
+
+def reference_fine_tuning_heldout() -> dict:
+    """The fine-tuning task's held-out terms in one process, from the whole build."""
+    from tests.parallel.pipeline_worker import FINE_TUNING, fine_tuning_batches, fine_tuning_model
+    from vlmo_large.tasks.registry import get_task
+
+    task = get_task(FINE_TUNING)
+    model = fine_tuning_model(build_model, task).eval()
+    sums = {}
+    with torch.no_grad():
+        for mb in fine_tuning_batches(task):
+            for name, value in TaskObjective(model, task)(mb).items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+    return sums

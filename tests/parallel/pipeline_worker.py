@@ -4,7 +4,8 @@ Under torchrun: argv = weights.safetensors out_dir tp pp. Every stage starts fro
 weights and micro-batches (`stage_batches`, also used by the single-process reference) and rank 0
 saves {"heldout": {...}, "losses": {...}, "weights": plain state dict after the step} to
 out_dir/{stage}.pt; "heldout": the held-out loss terms (summed over the micro-batches) on the
-starting weights, before the step.
+starting weights, before the step. Then the held-out terms of a fine-tuning task (FINE_TUNING) go
+to out_dir/nlvr2.pt.
 """
 import os
 import sys
@@ -13,12 +14,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from vlmo_large.config import get_preset  # noqa: E402
+
 MICRO_BATCH, MICRO_BATCHES = 3, 2
 # eps above the rounding noise of near-zero gradients (~1e-10 after clipping): Adam's first step
 # divides g by |g| + eps, which would magnify that noise to a visible weight difference at 1e-8
 OPTIMIZER = {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6}
 WEIGHT_DECAY = 0.01
 STAGES = ("vl", "mim", "text_mlm")
+FINE_TUNING, FINE_TUNING_SEED = "nlvr2", 5  # two fused passes, the right image's modality row, its own head
 CLIP = 0.05  # small enough to clip in every stage: tests the global grad norm across stages and TP
 
 
@@ -52,7 +56,6 @@ def stage_batches(cfg, stage: str) -> list[dict]:
 def main(weights_path: str, out_dir: str, tp: int, pp: int) -> None:
     from safetensors.torch import load_file
 
-    from vlmo_large.config import get_preset
     from vlmo_large.model import build_model
     from vlmo_large.parallel import state
     from vlmo_large.parallel.sharding import local_state_dict
@@ -74,7 +77,40 @@ def main(weights_path: str, out_dir: str, tp: int, pp: int) -> None:
         after = gather_plain_state_dict(engine.module)
         if torch.distributed.get_rank() == 0:
             torch.save({"heldout": heldout, "losses": losses, "weights": after}, os.path.join(out_dir, f"{stage}.pt"))
+    heldout = fine_tuning_heldout(tp, pp)
+    if torch.distributed.get_rank() == 0:
+        torch.save(heldout, os.path.join(out_dir, f"{FINE_TUNING}.pt"))
     state.destroy()
+
+
+def fine_tuning_model(build, task, **kwargs):
+    """The fine-tuning task's model (its heads and model overrides), initialised from FINE_TUNING_SEED."""
+    cfg = get_preset("tiny", **task.model_overrides)
+    return build(cfg, heads=task.heads(cfg, None), seed=FINE_TUNING_SEED, **kwargs)
+
+
+def fine_tuning_batches(task) -> list[dict]:
+    from vlmo_large.training.random_batches import random_batch
+    cfg = get_preset("tiny", **task.model_overrides)
+    return [random_batch(task.data_kind, cfg, MICRO_BATCH, torch.Generator().manual_seed(i))
+            for i in range(MICRO_BATCHES)]
+
+
+def fine_tuning_heldout(tp: int, pp: int) -> dict:
+    """Held-out terms of FINE_TUNING, a task written once for one process, through the pipeline;
+    each rank builds only its stage."""
+    from megatron.core import parallel_state
+
+    from vlmo_large.parallel import state
+    from vlmo_large.parallel.stage_build import build_stage
+    from vlmo_large.tasks.registry import get_task
+    from vlmo_large.training.pipeline_engine import PipelineStep, build_pipeline_engine
+
+    task = get_task(FINE_TUNING)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    model = fine_tuning_model(lambda cfg, **kw: build_stage(cfg, stage, pp, tp_group=state.tp_group(), **kw), task)
+    engine = build_pipeline_engine(model, task, ds_config(), tp, pp)
+    return PipelineStep(engine).evaluate(fine_tuning_batches(task), step=0)
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

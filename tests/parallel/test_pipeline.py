@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.parallel.pipeline_reference import reference_heldout, reference_step
+from tests.parallel.pipeline_reference import reference_fine_tuning_heldout, reference_heldout, reference_step
+from tests.parallel.pipeline_worker import FINE_TUNING
 from tests.training.conftest import REPO, run_torchrun
 from vlmo_large.training.freezing import is_trainable
 
@@ -34,7 +35,7 @@ def pipeline_run(request, weights, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     run_torchrun([os.path.join(REPO, "tests/parallel/pipeline_worker.py"), str(weights), str(out), str(tp), str(pp)],
                  nproc=tp * pp, timeout=300)
-    return {stage: torch.load(out / f"{stage}.pt", weights_only=True) for stage in STAGES}
+    return {stage: torch.load(out / f"{stage}.pt", weights_only=True) for stage in (*STAGES, FINE_TUNING)}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -52,6 +53,16 @@ def test_heldout_terms_match_one_process(pipeline_run, weights, stage):
     gets them; rank 0 (first stage) saved these."""
     ref = reference_heldout(str(weights), stage)
     got = {name: float(value) for name, value in pipeline_run[stage]["heldout"].items()}
+    assert set(got) == set(ref), (sorted(got), sorted(ref))
+    for name, value in ref.items():
+        assert got[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_a_fine_tuning_task_written_for_one_process_runs_in_the_pipeline(pipeline_run):
+    """nlvr2 (tasks/nlvr2.py: inputs/score only) at PP: each rank built only its stage; the held-out
+    terms equal one process's whole build."""
+    ref = reference_fine_tuning_heldout()
+    got = {name: float(value) for name, value in pipeline_run[FINE_TUNING].items()}
     assert set(got) == set(ref), (sorted(got), sorted(ref))
     for name, value in ref.items():
         assert got[name] == pytest.approx(value, rel=1e-5), name
