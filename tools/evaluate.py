@@ -88,12 +88,12 @@ def evaluate(args) -> dict:
         raise UserError(f"--batch {args.batch} must be at least 1")
     if not os.path.exists(args.checkpoint):
         raise UserError(f"checkpoint not found: {args.checkpoint}")
+    data = resolve_data(args)
     _init_distributed()
     export = _export_files(args.checkpoint)
     model, tokenizer = load_for_task(args, export)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
-    data = resolve_data(args)
     if args.task == "retrieval":
         return retrieval(model, tokenizer, data, args)
     return classification(model, tokenizer, data, args)
@@ -117,7 +117,8 @@ def _export_files(path: str) -> dict:
 
 def model_config(args, export: dict):
     """The checkpoint's model config (its config.json, or the DeepSpeed run's), --preset for a file
-    without one; --image-size and the task's overrides (NLVR2's third modality row) applied."""
+    without one; the image size and text length of --image-size or the export's preprocessing.json,
+    and the task's overrides (NLVR2's third modality row) applied."""
     from vlmo_large.checkpoint.plain import PlainCheckpoint
     from vlmo_large.config import get_preset
     from vlmo_large.errors import UserError
@@ -138,8 +139,11 @@ def model_config(args, export: dict):
         except ValueError as exc:
             raise UserError(f"--preset: {exc}") from exc
     overrides = dict(getattr(get_task(args.task), "model_overrides", None) or {})
-    if args.image_size:
-        overrides["image_size"] = args.image_size
+    preprocessing = export.get("preprocessing") or {}  # how the export's images and text are prepared
+    for key, value in (("image_size", args.image_size or preprocessing.get("image_size")),
+                       ("max_text_len", preprocessing.get("max_text_len"))):
+        if value:
+            overrides[key] = value
     try:
         cfg = cfg.replace(**overrides)
         cfg.validate()
