@@ -11,7 +11,8 @@ import torch
 
 from vlmo_large.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
 from vlmo_large.checkpoint.pipeline_reader import PipelineCheckpoint, open_checkpoint
-from vlmo_large.checkpoint.layout import check_shape, local_shape, model_layout, resolve_config, strip_prefix
+from vlmo_large.checkpoint.layout import (check_shape, local_shape, model_layout, name_prefix, resolve_config,
+                                          strip_prefix)
 from vlmo_large.checkpoint.plain import (CONFIG_NAME, LEGACY_EXPORT_CONFIG, PlainCheckpoint, config_to_dict,
                                          write_plain, write_plain_dict)
 from vlmo_large.config import ModelConfig, get_preset
@@ -47,17 +48,22 @@ def stored_config(ckpt: DeepSpeedCheckpoint) -> tuple[dict | None, str]:
 
 def open_deepspeed(ckpt_path: str, preset: str | None = None, config_path: str | None = None,
                    tag: str | None = None):
-    """-> (checkpoint, model config, layout, {our name: checkpoint name}); checks names and presence."""
+    """-> (checkpoint, model config, layout, {our name: checkpoint name}); checks names and presence.
+    A fine-tuned run's classifier and modality-type rows come from the stored shapes (formats/reference.py
+    finetuned_config, finetuned_heads), whatever the config says."""
     ckpt = open_checkpoint(ckpt_path, tag)
     found, source = stored_config(ckpt)
     cfg = resolve_config(preset, config_path, found, source)
-    layout = model_layout(cfg)
-    if isinstance(ckpt, PipelineCheckpoint):
-        ckpt.bind(cfg)
+    prefix = name_prefix(ckpt.names(), set(model_layout(cfg)), ckpt.folder)
+    shapes = {name[len(prefix):]: shape for name, shape in ckpt.shapes().items() if name.startswith(prefix)}
+    cfg = finetuned_config(shapes, cfg)
+    layout = model_layout(cfg, shapes)
     to_ds = {ours: ds for ds, ours in strip_prefix(ckpt.names(), set(layout), ckpt.folder).items()}
     for name in layout:
         if name not in to_ds:
             raise CheckpointError(f"{ckpt.folder}: tensor '{name}' of preset '{cfg.name}' is not in the checkpoint")
+    if isinstance(ckpt, PipelineCheckpoint):
+        ckpt.bind(layout)
     origin = "the command line" if preset or config_path else source
     print(f"reading {ckpt.describe()}; model '{cfg.name}', config from {origin}")
     return ckpt, cfg, layout, to_ds

@@ -339,6 +339,12 @@ class DeepSpeedCheckpoint:
     def names(self) -> list[str]:
         return self.ranks[0].names()
 
+    def shapes(self) -> dict[str, tuple]:
+        """{name: TP-local shape} of every parameter, frozen ones included (TP rank 0's)."""
+        rank = self.ranks[0]
+        frozen = rank.states.get("frozen_param_shapes") or {}
+        return {**{n: tuple(s) for n, s in frozen.items()}, **rank.shapes}
+
     def shards(self, name: str, key: str = "fp32") -> list[torch.Tensor]:
         """The tensor on every TP rank (TP-local shapes), fp32."""
         return [rank.tensor(name, key) for rank in self.ranks]

@@ -59,8 +59,8 @@ def resolve_config(preset: str | None = None, config_path: str | None = None,
     raise CheckpointError(f"{source}: no model config stored with the checkpoint; pass --preset or --config")
 
 
-def strip_prefix(names: list[str], known: set[str], source: str) -> dict[str, str]:
-    """Map checkpoint names (e.g. `module.model.backbone...`) to model names by one common prefix."""
+def name_prefix(names: list[str], known: set[str], source: str) -> str:
+    """The prefix (e.g. `module.model.`) that turns the first checkpoint name it can into a model name."""
     prefix = None
     for name in names:
         parts = name.split(".")
@@ -73,6 +73,12 @@ def strip_prefix(names: list[str], known: set[str], source: str) -> dict[str, st
     if prefix is None:
         raise CheckpointError(f"{source}: no tensor name matches the model (first: '{names[0] if names else '-'}'); "
                               "a checkpoint of another model?")
+    return prefix
+
+
+def strip_prefix(names: list[str], known: set[str], source: str) -> dict[str, str]:
+    """Map checkpoint names (e.g. `module.model.backbone...`) to model names by one common prefix."""
+    prefix = name_prefix(names, known, source)
     mapping = {}
     for name in names:
         short = name[len(prefix):] if name.startswith(prefix) else None

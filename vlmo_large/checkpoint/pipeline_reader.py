@@ -22,8 +22,6 @@ import torch
 
 from vlmo_large.checkpoint.deepspeed_reader import (_LAYER, _OPTIM, DS_STATE_KEYS, DeepSpeedCheckpoint, _TPRank,
                                                     load_ds_file, resolve_tag_dir)
-from vlmo_large.checkpoint.layout import model_layout
-from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError
 from vlmo_large.parallel.sharding import unshard
 
@@ -39,7 +37,7 @@ def open_checkpoint(path: str, tag: str | None = None):
 
 
 class PipelineCheckpoint:
-    """All stages and TP ranks of one pipeline checkpoint tag. Call `bind(cfg)` before reading."""
+    """All stages and TP ranks of one pipeline checkpoint tag. Call `bind(layout)` before reading."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -78,14 +76,17 @@ class PipelineCheckpoint:
         self.place: dict[str, tuple | None] = {}
 
     # -- names -----------------------------------------------------------------------------------
-    def bind(self, cfg: ModelConfig) -> None:
-        """The TP placement of every stored tensor, from the model of `cfg` (a tensor the model
-        lacks, e.g. a task's head, is not split)."""
-        layout = model_layout(cfg)
-        self.place = {name: layout[name].place if name in layout else None for name in self.index}
+    def bind(self, layout: dict) -> None:
+        """The TP placement of every stored tensor, from the model's layout (checkpoint/layout.py
+        model_layout of the config and these shapes, so a fine-tuned model's heads are in it)."""
+        self.place = {name: layout[name].place for name in self.index}
 
     def names(self) -> list[str]:
         return list(self.index)
+
+    def shapes(self) -> dict[str, tuple]:
+        """{name: TP-local shape} of every stored tensor (TP rank 0's layer files)."""
+        return {name: tuple(self._layer_state(layer, 0)[name].shape) for name, layer in self.index.items()}
 
     @property
     def client_state(self) -> dict:
