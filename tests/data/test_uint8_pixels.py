@@ -42,6 +42,18 @@ def test_float_images_pass_through_and_model_dtype_is_applied():
         normalize_pixels(images, torch.float32)
 
 
+def test_only_images_take_the_model_dtype_targets_stay_float32():
+    """A bf16 run's VQA soft targets stay 0.3, not bf16's 0.30078 (the loss and vqa_score read them)."""
+    targets = torch.tensor([[0.3, 0.6, 0.9, 1.0]])
+    batch = {"image": torch.randn(1, 3, 4, 4), "image2": torch.randn(1, 3, 4, 4), "vqa_targets": targets,
+             "text_mask": torch.ones(1, 4, dtype=torch.int64)}
+    out = to_device(batch, "cpu", torch.bfloat16)
+    assert out["image"].dtype == out["image2"].dtype == torch.bfloat16
+    assert out["vqa_targets"].dtype == torch.float32 and torch.equal(out["vqa_targets"], targets)
+    assert out["vqa_targets"][0, 0].item() == torch.tensor(0.3).item() != torch.tensor(0.3).bfloat16().item()
+    assert out["text_mask"].dtype == torch.int64
+
+
 def test_worker_cuts_whole_batches_and_sends_its_tail_with_its_end():
     samples = [{"w": 1, "pos": p, "events": {"corrupt_image": p % 2}, "completed": [], "sample":
                 {"image": torch.full((3, 2, 2), p, dtype=torch.uint8), "key": f"k{p}", "index": p}} for p in range(1, 6)]

@@ -3,7 +3,8 @@
 What a batch carries says how to treat it: an "image" (or NLVR2's "image2") tensor of dtype uint8
 holds raw pixels 0..255 (the loader with pixels="uint8", transforms.py) and is normalised here,
 after the copy; a floating one is already normalised (pixels="float", random_batches.py) and is
-only cast.
+only cast. Images are the only floating model inputs: every other tensor (VQA's soft targets and
+any loss target) keeps its dtype, so a bf16 run's targets are not rounded (0.3 -> 0.30078).
 Moving uint8 pixels copies a quarter of the bytes of float32 ones (and pins a quarter of the
 host memory). On CUDA the copies are non_blocking: from pinned memory (the loader's
 pin_memory) they overlap with the step; from pageable memory they are plain copies.
@@ -42,8 +43,8 @@ def model_pixels(images: torch.Tensor, device, dtype: torch.dtype, non_blocking:
 
 
 def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
-    """Tensors to `device` (floating ones cast to `dtype`, uint8 images normalised there); the
-    rest (keys) unchanged."""
+    """Tensors to `device` (images normalised there when uint8 and cast to `dtype`, the others in
+    their own dtype); the rest (keys) unchanged."""
     device = torch.device(device)
     non_blocking = device.type == "cuda"
     out = {}
@@ -52,8 +53,6 @@ def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
             out[name] = value
         elif name in ("image", "image2"):  # image2: NLVR2's second image
             out[name] = model_pixels(value, device, dtype, non_blocking)
-        elif value.is_floating_point():
-            out[name] = value.to(device, dtype, non_blocking=non_blocking)
         else:
             out[name] = value.to(device, non_blocking=non_blocking)
     return out
