@@ -1,14 +1,17 @@
 """A pipeline stage built alone (VLMo on meta, then its stage materialised) holds exactly the tensors
 of the whole-model build from the same seed, and nothing of the other stages (issue 13, item 2)."""
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from vlmo_large.model import build_model
+from vlmo_large.model.heads import ContrastiveHeads
 from vlmo_large.model.initialization import materialize
+from vlmo_large.model.tensor_parallel import placement, shard
 from vlmo_large.parallel.layout import stage_of
-from vlmo_large.parallel.sharding import placement, shard
 from vlmo_large.parallel.stage_build import build_stage
 
 SEED = 11
@@ -51,6 +54,14 @@ def test_a_build_is_a_function_of_the_seed_alone():
     assert random and all(not torch.equal(again[n], other[n]) for n in random)
 
 
+def test_contrastive_temperature_starts_at_0_07(whole):
+    """The build and a standalone head (model/heads.py INIT_LOGIT_SCALE) both start at 1 / 0.07."""
+    standalone = ContrastiveHeads(8).logit_scale.detach()
+    for scale in (whole["itc.logit_scale"], whole["itc_vl.logit_scale"], standalone):
+        assert scale.shape == (1,) and math.exp(scale.item()) == pytest.approx(1 / 0.07, rel=1e-6)
+    assert torch.equal(whole["itc.logit_scale"], standalone)
+
+
 def test_unknown_names_are_refused():
     model = build_model("tiny", device="meta", seed=SEED)
     with pytest.raises(KeyError, match="backbone.blocks.99.norm1.weight"):
@@ -59,7 +70,7 @@ def test_unknown_names_are_refused():
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_tensor_parallel_slices_are_slices_of_the_whole_build(whole, rank):
-    """A TP=2 rank's tensors are its shard (parallel/sharding.py, the loader's rule) of the TP=1 build.
+    """A TP=2 rank's tensors are its shard (model/tensor_parallel.py, the loader's rule) of the TP=1 build.
     One process stands for rank `rank` of a two-rank group (torch's fake backend: no communication,
     which the initialisation needs none of)."""
     dist.init_process_group("fake", rank=rank, world_size=2, store=FakeStore())

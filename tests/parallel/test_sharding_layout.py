@@ -1,7 +1,7 @@
 """shard/unshard are inverse, and the stride layouts put whole heads on each rank."""
 import torch
 
-from vlmo_large.parallel.sharding import shard, unshard
+from vlmo_large.model.tensor_parallel import shard, unshard
 
 
 def test_shard_unshard_round_trip():

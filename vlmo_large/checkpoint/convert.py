@@ -20,7 +20,7 @@ from vlmo_large.formats.io import CheckpointError, LoadReport, load_into, load_t
 from vlmo_large.formats.rel_pos_tables import MERGED, disk_groups, merge_tables
 from vlmo_large.formats.reference import (REFERENCE_SCALARS, finetuned_config, finetuned_heads, from_reference,
                                           reference_buffers, save_reference_pt, to_reference)
-from vlmo_large.parallel.sharding import unshard
+from vlmo_large.model.tensor_parallel import unshard
 
 CONFIG_KEYS = ("model_config", "model_cfg", "config")
 VOCAB_TENSORS = ("backbone.text_embeddings.word_embeddings.weight", "mlm_head.decoder.weight", "mlm_head.decoder.bias")

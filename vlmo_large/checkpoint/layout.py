@@ -1,7 +1,7 @@
 """What a model config implies for checkpoints: tensor names, full shapes and TP placement.
 
 A model built on the meta device at TP=1 allocates nothing and carries megatron's attributes, so
-`parallel.sharding.placement` (the one definition of the TP layout) answers for every parameter.
+`model.tensor_parallel.placement` (the one definition of the TP layout) answers for every parameter.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from vlmo_large.config import ModelConfig, get_preset
 from vlmo_large.formats.io import CheckpointError
-from vlmo_large.parallel.sharding import placement
+from vlmo_large.model.tensor_parallel import placement
 
 
 @dataclass(frozen=True)

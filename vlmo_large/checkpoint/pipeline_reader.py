@@ -23,7 +23,7 @@ import torch
 from vlmo_large.checkpoint.deepspeed_reader import (_LAYER, _OPTIM, DS_STATE_KEYS, DeepSpeedCheckpoint, _TPRank,
                                                     load_ds_file, resolve_tag_dir)
 from vlmo_large.formats.io import CheckpointError
-from vlmo_large.parallel.sharding import unshard
+from vlmo_large.model.tensor_parallel import unshard
 
 _PIPE_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 

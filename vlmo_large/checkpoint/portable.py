@@ -18,7 +18,7 @@ from vlmo_large.checkpoint.convert import full_tensor, open_deepspeed
 from vlmo_large.checkpoint.layout import check_shape, strip_prefix
 from vlmo_large.checkpoint.plain import PlainCheckpoint, write_plain
 from vlmo_large.formats.io import CheckpointError
-from vlmo_large.parallel.sharding import placement, shard
+from vlmo_large.model.tensor_parallel import placement, shard
 
 PARTS = {"weights": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 STATE_FILE = "training_state.json"

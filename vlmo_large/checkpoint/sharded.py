@@ -22,7 +22,7 @@ from vlmo_large.checkpoint.safetensors_stream import write_streamed
 from vlmo_large.config import ModelConfig
 from vlmo_large.formats.io import CheckpointError, LoadReport
 from vlmo_large.parallel.layout import check_pipeline_depth, stage_of
-from vlmo_large.parallel.sharding import shard, unshard
+from vlmo_large.model.tensor_parallel import placement, shard, unshard
 
 MANIFEST = "sharded.json"
 
@@ -134,6 +134,4 @@ def load_sharded_plain(model: nn.Module, path: str) -> LoadReport:
 
 
 def _place(params: dict, name: str):
-    from vlmo_large.parallel.sharding import placement
-
     return placement(params[name]) if name in params else None

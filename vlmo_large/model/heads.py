@@ -10,6 +10,8 @@ from torch import nn
 from vlmo_large.config import ModelConfig
 from vlmo_large.model.tensor_parallel import ColumnLinear
 
+INIT_LOGIT_SCALE = math.log(1 / 0.07)  # the contrastive temperature 0.07 at the start, as CLIP and the reference
+
 
 class Pooler(nn.Module):
     """Linear + tanh on the first token (the text CLS in fused sequences)."""
@@ -29,7 +31,7 @@ class ContrastiveHeads(nn.Module):
         super().__init__()
         self.image_proj = nn.Linear(dim, dim, bias=False)
         self.text_proj = nn.Linear(dim, dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-d: DeepSpeed clips and broadcasts it
+        self.logit_scale = nn.Parameter(torch.full((1,), INIT_LOGIT_SCALE))  # 1-d: DeepSpeed clips and broadcasts it
 
     def embed_image(self, image_cls: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(image_cls), dim=-1)

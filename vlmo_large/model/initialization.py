@@ -28,15 +28,15 @@ from vlmo_large.model.attention import SelfAttention
 from vlmo_large.model.block import MoMEBlock
 from vlmo_large.model.backbone import IMAGE_ROW, SECOND_IMAGE_ROW
 from vlmo_large.model.embeddings import ImageEmbeddings
-from vlmo_large.model.heads import ContrastiveHeads, MIMHead
+from vlmo_large.model.heads import INIT_LOGIT_SCALE, ContrastiveHeads, MIMHead
 from vlmo_large.model.relative_position import RelativePositionBias
-from vlmo_large.model.tensor_parallel import ColumnLinear, RowLinear, VocabEmbedding, group_size, init_normal
+from vlmo_large.model.tensor_parallel import (ColumnLinear, RowLinear, VocabEmbedding, group_size, init_normal,
+                                              placement, shard)
 
 _NORMAL_WEIGHTS = (nn.Linear, ColumnLinear, RowLinear, nn.Embedding, VocabEmbedding)
 _NORMAL_TOKENS = (ImageEmbeddings, MIMHead)  # cls_token, pos_embed; mask_token
 _ZERO_TENSORS = (SelfAttention, RelativePositionBias)  # q_bias, v_bias; the relative table
 _PIECE = 1 << 22  # elements per piece of a normal initialisation (_normal)
-_LOGIT_SCALE = math.log(1 / 0.07)  # the contrastive heads' initial temperature 0.07, as CLIP and the reference
 
 
 def draw_seed() -> int:
@@ -104,19 +104,16 @@ def _tp_position(model: nn.Module) -> tuple[int, int]:
 def _fill(param: torch.Tensor, init: Callable, seed: int, rank: int, size: int) -> None:
     """Initialise the full tensor on the host from its own generator; keep this rank's slice."""
     generator = torch.Generator().manual_seed(seed)
-    split = size > 1 and getattr(param, "tensor_model_parallel", False)
-    if not split and param.device.type == "cpu" and param.dtype == torch.float32:
+    where = placement(param) if size > 1 else None
+    if where is None and param.device.type == "cpu" and param.dtype == torch.float32:
         init(param, generator)  # in place: no host copy of a large tensor
         return
     shape = list(param.shape)
-    if split:
-        dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-        shape[dim] *= size
+    if where is not None:
+        shape[where[0]] *= size
     full = torch.empty(shape, dtype=torch.float32)
     init(full, generator)
-    if split:  # megatron's split, as parallel/sharding.py shard: stride x size chunks, rank r owns r, r + size, ..
-        full = torch.cat(full.chunk(stride * size, dim)[rank::size], dim)
-    param.copy_(full)
+    param.copy_(full if where is None else shard(full, *where, rank, size))
 
 
 def _initializer(owner: nn.Module, attr: str, name: str) -> Callable[[torch.Tensor, torch.Generator], None]:
@@ -134,7 +131,7 @@ def _initializer(owner: nn.Module, attr: str, name: str) -> Callable[[torch.Tens
     if isinstance(owner, MoMEBlock):  # gamma_1, gamma_2
         return _constant(owner.layer_scale_init)
     if isinstance(owner, ContrastiveHeads):  # logit_scale
-        return _constant(_LOGIT_SCALE)
+        return _constant(INIT_LOGIT_SCALE)
     raise TypeError(f"no initial values for '{name}' ({type(owner).__name__}.{attr}): "
                     f"add its rule to vlmo_large/model/initialization.py")
 

@@ -8,6 +8,13 @@ built off meta (a standalone test layer) is initialised by megatron itself, with
 
 The tensor-parallel group is passed in (None: one process, no torch.distributed needed); nothing
 here reads or creates a global group.
+
+The TP layout is declared on each split parameter with megatron-core's attributes
+(`mark_tensor_parallel`): `partition_dim` and `partition_stride` (a full tensor is cut into
+stride x world chunks along that dim; rank r owns chunks r, r + world, ...; stride 3 keeps q|k|v,
+stride `depth` keeps the relative table's per-layer head blocks). `placement`, `shard` and
+`unshard` are the one definition of that layout: initialisation slices a rank's weights with it,
+loaders cut plain weights for any TP size, checkpoint readers merge ranks back.
 """
 from __future__ import annotations
 
@@ -115,3 +122,28 @@ def mark_tensor_parallel(param: nn.Parameter, dim: int = 0, stride: int = 1) -> 
     param.partition_dim = dim           # refuses to overwrite what its own init already set
     param.partition_stride = stride
     return param
+
+
+def placement(param: torch.Tensor) -> tuple[int, int] | None:
+    """(dim, stride) for a TP-split parameter, None when replicated."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    return param.partition_dim, getattr(param, "partition_stride", 1)
+
+
+def shard(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
+    """TP rank `rank`'s slice of a full tensor split (dim, stride) over `world` ranks."""
+    if world == 1:
+        return full
+    if full.shape[dim] % (stride * world):
+        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split into {stride} x {world} chunks")
+    chunks = full.chunk(stride * world, dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim).clone()
+
+
+def unshard(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of `shard` given every rank's shard in rank order."""
+    if len(shards) == 1:
+        return shards[0]
+    per_rank = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([per_rank[r][c] for c in range(stride) for r in range(len(shards))], dim=dim)

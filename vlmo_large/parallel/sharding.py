@@ -1,41 +1,13 @@
-"""Tensor-parallel placement of every parameter, declared on the parameter itself.
-
-megatron-core's attributes say where a TP-split parameter's shard lies in the full tensor:
-`partition_dim` and `partition_stride` (a full tensor is cut into stride x world chunks along that
-dim; rank r owns chunks r, r + world, ...; stride 3 keeps q|k|v, stride `depth` keeps the relative
-table's per-layer head blocks). Parameters without `tensor_model_parallel` are replicated. These
-two functions are the single definition of the layout, used to load plain weights into any TP
-size and to gather a TP model back into plain weights.
-"""
+"""Whole state dicts <-> a tensor-parallel model's: this rank's slice of plain weights, and the
+plain weights (or gradients) gathered from every rank, by the layout model/tensor_parallel.py
+defines (placement, shard, unshard)."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def placement(param: torch.Tensor) -> tuple[int, int] | None:
-    """(dim, stride) for a TP-split parameter, None when replicated."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return None
-    return param.partition_dim, getattr(param, "partition_stride", 1)
-
-
-def shard(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
-    if world == 1:
-        return full
-    if full.shape[dim] % (stride * world):
-        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split into {stride} x {world} chunks")
-    chunks = full.chunk(stride * world, dim=dim)
-    return torch.cat(chunks[rank::world], dim=dim).clone()
-
-
-def unshard(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """Inverse of `shard` given every rank's shard in rank order."""
-    if len(shards) == 1:
-        return shards[0]
-    per_rank = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([per_rank[r][c] for c in range(stride) for r in range(len(shards))], dim=dim)
+from vlmo_large.model.tensor_parallel import placement, shard, unshard
 
 
 def local_state_dict(model: nn.Module, full: dict[str, torch.Tensor], rank: int, world: int) -> dict:
