@@ -8,8 +8,8 @@ top modules are registered as the pipeline's own, so parameter names are VLMo's,
 state_dict (what DeepSpeed writes as layer_LL-model_TT-model_states.pt) is keyed by VLMo names.
 
 Between stages the tuple holds, per pass: its states, its text mask (not for an image pass) and,
-past layer vl_start, its VL branch. The first stage's inputs are each pass's PassInput fields
-(ids, mask, image, mim_mask), an absent one as an empty tensor.
+past layer vl_start, its VL branch. The first stage's inputs are each pass's PassInput fields in
+order (first_stage_inputs).
 """
 from __future__ import annotations
 
@@ -39,17 +39,26 @@ def keep_stage(model, stage: int, pp: int) -> None:
                 module._parameters[name] = None
 
 
-class Layer:
-    """One pipeline layer: `run` over the tensors named by `owns` (a VLMo name -> bool)."""
+def layer_of(name: str, depth: int) -> int:
+    """The pipeline layer that holds VLMo tensor `name`: 0 the embeddings (and the MIM mask token),
+    1 + i block i, depth + 1 the rest (final norm, heads)."""
+    if name.startswith("backbone.blocks."):
+        return 1 + stage_of(name, depth, depth)  # one block per stage
+    return 0 if stage_of(name, depth, 2) == 0 else depth + 1
 
-    def __init__(self, pipe, owns, run):
-        self.pipe, self.owns, self.run = pipe, owns, run
+
+class Layer:
+    """Pipeline layer `index`: `run` over the pipeline's VLMo, whose tensors of this layer are its state."""
+
+    def __init__(self, pipe, index: int, run):
+        self.pipe, self.index, self.run = pipe, index, run
 
     def __call__(self, inputs):
         return self.run((inputs,) if torch.is_tensor(inputs) else tuple(inputs))
 
     def state_dict(self) -> dict:
-        return {name: tensor for name, tensor in self.pipe.vlmo.state_dict().items() if self.owns(name)}
+        depth = self.pipe.vlmo.cfg.depth
+        return {name: t for name, t in self.pipe.vlmo.state_dict().items() if layer_of(name, depth) == self.index}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         mine = self.state_dict()
@@ -61,18 +70,15 @@ class Layer:
 
 
 class TaskPipeline(PipelineModule):
-    """`model`: VLMo built whole (TP-split, frozen per task); this rank keeps its stage of it."""
+    """`model`: VLMo (TP-split, frozen for the task), whole or with only this rank's stage given
+    storage (parallel/stage_build.py); this rank keeps its stage of it."""
 
     def __init__(self, model, task, topology):
         cfg, pp = model.cfg, topology.get_dim("pipe")
         keep_stage(model, topology.get_coord(dist.get_rank()).pipe, pp)
-        depth = cfg.depth
-        embedded = lambda name: stage_of(name, depth, 2) == 0 and not name.startswith("backbone.blocks.")  # noqa: E731
-        layers = ([Layer(self, embedded, self._embed)]
-                  + [Layer(self, lambda name, i=i: name.startswith(f"backbone.blocks.{i}."),
-                           lambda x, i=i: self._blocks(x, i)) for i in range(depth)]
-                  + [Layer(self, lambda name: stage_of(name, depth, 2) == 1 and not name.startswith("backbone.blocks."),
-                           self._finish)])
+        layers = ([Layer(self, 0, self._embed)]
+                  + [Layer(self, 1 + i, lambda x, i=i: self._blocks(x, i)) for i in range(cfg.depth)]
+                  + [Layer(self, cfg.depth + 1, self._finish)])
         super().__init__(layers, topology=topology, loss_fn=self._loss)
         self.__dict__["vlmo"] = model  # not a submodule: its children are registered as the pipeline's own
         for name, child in model.named_children():
