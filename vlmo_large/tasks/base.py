@@ -22,8 +22,8 @@ DATA_KINDS = ("image", "text", "image_text", "vqa", "nlvr2")  # the data loader'
 class EncoderPass:
     """One encoder call of a training step: `mode` ("image", "text" or "pair"), run on `copies` times
     the micro-batch's rows, with the VL-branch top layers too (`vl_branch`), and the last layer
-    computing only the positions `keep` names ("cls", "text", or None: all). A task's forward calls
-    the encoders from these, and step_flops.py counts a step's FLOPs from them."""
+    computing only the positions `keep` names ("cls", "text", or None: all). tasks/passes.py runs
+    them (in one process and in the pipeline), and step_flops.py counts a step's FLOPs from them."""
     mode: str
     copies: int = 1
     vl_branch: bool = False
