@@ -37,11 +37,13 @@ def _twin_models(backend: str):
     return separate, packed
 
 
-def _count_separate_passes(monkeypatch):
-    calls = []
-    real = MoMEBackbone.encode_image
-    monkeypatch.setattr(MoMEBackbone, "encode_image", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    return calls
+def _record_pass_modes(monkeypatch):
+    """The mode of every pass the backbone routes (run_span: every encoder path, one process or pipeline)."""
+    modes = []
+    real = MoMEBackbone.run_span
+    monkeypatch.setattr(MoMEBackbone, "run_span",
+                        lambda self, x, mode, *a, **k: modes.append(mode) or real(self, x, mode, *a, **k))
+    return modes
 
 
 # -- the bias -------------------------------------------------------------------------------------
@@ -96,12 +98,12 @@ def test_packed_stage3_losses_and_gradients_equal_separate_passes(backend, monke
     separate, packed = _twin_models(backend)
     batch = random_batch("image_text", separate.cfg, 4, torch.Generator().manual_seed(2))
     assert not batch["text_mask"].bool().all()  # padded text
-    calls = _count_separate_passes(monkeypatch)
+    modes = _record_pass_modes(monkeypatch)
     ref_losses, ref_grads = _stage3_losses_and_grads(separate, batch)
-    assert calls  # the reference did run the separate passes ...
-    calls.clear()
+    assert modes == ["image", "text", "pair"]  # the reference ran the separate passes ...
+    modes.clear()
     losses, grads = _stage3_losses_and_grads(packed, batch)
-    assert not calls  # ... and the packed model did not
+    assert modes == ["packed", "pair"]  # ... and the packed model one packed pass instead
     assert losses.keys() == ref_losses.keys()
     for name, ref in ref_losses.items():
         _close(losses[name], ref, msg=name)

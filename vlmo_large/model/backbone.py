@@ -4,10 +4,12 @@ Encoder modes (spec section 1): `encode_image` (vision expert everywhere), `enco
 expert everywhere), `encode_pair` (fused, text first: text/vision experts below `vl_start`, the
 vision-language expert from there up). With `vl_branch=True` the image-only and text-only passes
 also run their layer `vl_start - 1` states through the top layers in VL mode, the features of
-pretraining's second ITC loss.
+pretraining's second ITC loss. Every pass's routing (experts, VL branch, key mask, bias, kept
+positions) is `run_span` over blocks [start, end): the encoders run [0, depth), tasks/passes.py
+one process's passes and each pipeline stage's blocks.
 
 `encode_image_and_text` (stage 3's two unimodal passes) runs them separately, or, with
-`cfg.pack_unimodal`, as one packed pass: [text ; image] per sample, the "pair" route and relative
+`cfg.pack_unimodal`, as one "packed" pass: [text ; image] per sample, the "pair" route and relative
 bias (whose diagonal blocks are the text and image biases), attention kept block-diagonal
 (`separate`). Fewer, longer block calls; DropPath then draws one decision per sample for its text
 and image together (equal to separate passes without drop path). docs/PERFORMANCE.md says when it pays.
@@ -27,6 +29,9 @@ from vlmo_large.model.embeddings import ImageEmbeddings, TextEmbeddings
 from vlmo_large.model.tensor_parallel import group_size
 
 TEXT_ROW, IMAGE_ROW, SECOND_IMAGE_ROW = 0, 1, 2  # modality-type rows; the third only with num_modality_types 3 (NLVR2)
+# A pass's mode -> its route (block.py) below vl_start and, except a fused pair's ("vl"), from there up.
+# "packed": stage 3's image and text passes as one, [text ; image] attending block-diagonally.
+EXPERTS = {"image": "imag", "text": "text", "pair": "pair", "packed": "pair"}
 
 
 class MoMEBackbone(nn.Module):
@@ -83,14 +88,45 @@ class MoMEBackbone(nn.Module):
             x = self.blocks[i](x, routes[i], layer_bias, key_mask, text_len, queries, block_mask, separate)
         return x
 
-    def _single_modality(self, x, expert: str, bias_mode: str, key_mask, text_len: int, vl_branch: bool,
-                         keep: Optional[int]):
+    # -- one pass over a span of blocks ----------------------------------------------------------
+    def embed(self, mode: str, ids: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+              modality_row: int = IMAGE_ROW, mim_mask: Optional[torch.Tensor] = None,
+              mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sequence a pass of `mode` (EXPERTS) starts from: text, image, or [text ; image]."""
+        if mode == "text":
+            return self.embed_text(ids)
+        image = self.embed_image(images, modality_row, mim_mask, mask_token)
+        return image if mode == "image" else torch.cat([self.embed_text(ids), image], 1)
+
+    def run_span(self, x: torch.Tensor, mode: str, mask: Optional[torch.Tensor] = None, start: int = 0,
+                 end: Optional[int] = None, keep: Optional[int] = None, vl_branch: bool = False,
+                 vl: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Blocks [start, end) of one pass of `mode` (EXPERTS) -> (x, vl), the routing of every pass:
+        the whole pass is the span [0, depth), a pipeline stage runs its own span.
+
+        mask: the text padding mask [B, T] the pass was embedded with (None: an image pass).
+        keep=n: the model's last block computes only the first n positions (the same numbers).
+        vl_branch: the pass's layer vl_start - 1 states also run through the top layers with the VL
+        expert; `vl` carries that branch into a span starting above vl_start (None: not there yet)."""
         cfg = self.cfg
-        bias = self._bias(bias_mode, text_len)
-        x = self.run_blocks(x, [expert] * cfg.depth, bias, key_mask, text_len, end=cfg.vl_start)
-        if vl_branch:
-            vl = self.run_blocks(x, ["vl"] * cfg.depth, bias, key_mask, text_len, start=cfg.vl_start, keep=keep)
-        x = self.run_blocks(x, [expert] * cfg.depth, bias, key_mask, text_len, start=cfg.vl_start, keep=keep)
+        end = cfg.depth if end is None else end
+        text_len = 0 if mask is None else mask.shape[1]
+        run = partial(self.run_blocks, bias=self._bias("pair" if mode == "packed" else mode, text_len),
+                      key_mask=_key_mask(mode, mask, x), text_len=text_len, separate=mode == "packed")
+        routes = [EXPERTS[mode]] * cfg.vl_start + ["vl" if mode == "pair" else EXPERTS[mode]] * cfg.num_vl_layers
+        keep = keep if end == cfg.depth else None
+        # the branch starts from layer vl_start - 1's states: in the span holding layer vl_start (without
+        # VL layers, at the last block's states)
+        if vl is None and not (vl_branch and start <= cfg.vl_start and (cfg.vl_start < end or end == cfg.depth)):
+            return run(x, routes, start=start, end=end, keep=keep), vl
+        mid = max(start, cfg.vl_start)
+        x = run(x, routes, start=start, end=mid)
+        vl = run(x if vl is None else vl, ["vl"] * cfg.depth, start=mid, end=end, keep=keep)  # first: drop path draws in call order
+        return run(x, routes, start=mid, end=end, keep=keep), vl
+
+    def _encode(self, x: torch.Tensor, mode: str, mask: Optional[torch.Tensor], vl_branch: bool, keep: Optional[int]):
+        """The whole pass, final-normed: x, or (x, vl) with the VL branch."""
+        x, vl = self.run_span(x, mode, mask, keep=keep, vl_branch=vl_branch)
         return (self.norm(x), self.norm(vl)) if vl_branch else self.norm(x)
 
     # -- encoder modes --------------------------------------------------------------------------
@@ -99,51 +135,29 @@ class MoMEBackbone(nn.Module):
     def encode_image(self, images: torch.Tensor, vl_branch: bool = False, modality_row: int = IMAGE_ROW,
                      mim_mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None,
                      keep: Optional[int] = None):
-        x = self.embed_image(images, modality_row, mim_mask, mask_token)
-        return self._single_modality(x, "imag", "image", None, 0, vl_branch, keep)
+        x = self.embed("image", images=images, modality_row=modality_row, mim_mask=mim_mask, mask_token=mask_token)
+        return self._encode(x, "image", None, vl_branch, keep)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, vl_branch: bool = False, keep: Optional[int] = None):
-        x = self.embed_text(ids)
-        return self._single_modality(x, "text", "text", _padding_mask(mask), ids.shape[1], vl_branch, keep)
+        return self._encode(self.embed("text", ids), "text", mask, vl_branch, keep)
 
     def encode_image_and_text(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
         """The unimodal passes of stage 3's ITC: ((image, image_vl), (text, text_vl)), each [B, 1, D]
         (CLS only), final and VL-branch; packed into one pass when cfg.pack_unimodal is set."""
-        if self.cfg.pack_unimodal:
-            return self._packed_image_and_text(images, ids, mask)
-        image = self.encode_image(images, vl_branch=True, keep=1)
-        text = self.encode_text(ids, mask, vl_branch=True, keep=1)
-        return image, text
-
-    def _packed_image_and_text(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
-        """encode_image_and_text as one pass over [text ; image] with block-diagonal attention: the
-        "pair" route (text expert on the text, vision expert on the image) below vl_start and for
-        the main top layers, "vl" for the VL branch. The last layers compute the first T + 1
-        positions, which hold both CLS rows (text at 0, image at T)."""
-        cfg, T = self.cfg, ids.shape[1]
-        image = self.embed_image(images)
-        x = torch.cat([self.embed_text(ids), image], 1)
-        # always a key mask, unpadded text too: the separation is applied where padding is
-        key_mask = torch.cat([mask.bool(), torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], 1)
-        run = partial(self.run_blocks, bias=self._bias("pair", T), key_mask=key_mask, text_len=T, separate=True)
-        x = run(x, ["pair"] * cfg.depth, end=cfg.vl_start)
-        vl = run(x, ["vl"] * cfg.depth, start=cfg.vl_start, keep=T + 1)
-        x = run(x, ["pair"] * cfg.depth, start=cfg.vl_start, keep=T + 1)
+        if not self.cfg.pack_unimodal:
+            return (self.encode_image(images, vl_branch=True, keep=1),
+                    self.encode_text(ids, mask, vl_branch=True, keep=1))
+        # one "packed" pass over [text ; image]: the last layers compute the first T + 1 positions,
+        # which hold both CLS rows (text at 0, image at T)
+        T = ids.shape[1]
+        x, vl = self.run_span(self.embed("packed", ids, images), "packed", mask, keep=T + 1, vl_branch=True)
         return ((self.norm(x[:, T:T + 1]), self.norm(vl[:, T:T + 1])),
                 (self.norm(x[:, :1]), self.norm(vl[:, :1])))
 
     def encode_pair(self, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor,
                     modality_row: int = IMAGE_ROW, keep: Optional[int] = None) -> torch.Tensor:
         """Fused encoder over [text ; image]; returns the final-normed sequence (text first)."""
-        text = self.embed_text(ids)
-        image = self.embed_image(images, modality_row)
-        x = torch.cat([text, image], 1)
-        key_mask = _padding_mask(mask)
-        if key_mask is not None:  # image positions are never padded
-            key_mask = torch.cat([key_mask, torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)], 1)
-        cfg, text_len = self.cfg, ids.shape[1]
-        routes = ["pair"] * cfg.vl_start + ["vl"] * cfg.num_vl_layers
-        return self.norm(self.run_blocks(x, routes, self._bias("pair", text_len), key_mask, text_len, keep=keep))
+        return self._encode(self.embed("pair", ids, images, modality_row), "pair", mask, False, keep)
 
 
 class PassBias:
@@ -157,6 +171,16 @@ class PassBias:
         if layer not in self.layers:
             self.layers[layer] = self.blocks[layer].rel_pos(self.mode, self.text_len)
         return self.layers[layer]
+
+
+def _key_mask(mode: str, mask: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The key mask of a pass over x: the text's padding mask (None for an image pass), followed by
+    ones for the image positions of a pair or packed pass (never padded). A packed pass always has
+    one, unpadded text too: its separation is applied where the padding is."""
+    key_mask = None if mask is None else mask.bool() if mode == "packed" else _padding_mask(mask)
+    if key_mask is None or mode == "text":
+        return key_mask
+    return torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], x.shape[1] - mask.shape[1])], 1)
 
 
 def _padding_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
