@@ -74,7 +74,7 @@ def test_oracle_known_answers():
     # with the 6 others: rank 7. Everything else ranks first.
     want = {"tr_r1": 6 / 8, "tr_r5": 7 / 8, "tr_r10": 1.0, "ir_r1": 7 / 8, "ir_r5": 7 / 8, "ir_r10": 1.0,
             "chance_r1": 1 / 8, "num_images": 8.0, "num_texts": 8.0,
-            "itm_pos_acc": 7 / 8, "itm_neg_acc": 1.0, "itm_acc": 15 / 16,
+            "itm_pos_acc": 7 / 8, "itm_neg_acc": 1.0, "itm_pos_neg_acc": 15 / 16,
             "mlm_acc": 2 / 3, "num_mlm_tokens": 24.0}
     assert got == pytest.approx(want)
     assert all(type(v) is float for v in got.values())
@@ -95,7 +95,7 @@ def test_without_mlm_labels_or_negatives_those_metrics_are_absent():
     batch = oracle_batch([3], [3])
     del batch["mlm_ids"], batch["mlm_labels"]
     got = evaluate_pretraining(OracleModel(), [batch])
-    assert "mlm_acc" not in got and "itm_acc" not in got and got["itm_pos_acc"] == 1.0
+    assert "mlm_acc" not in got and "itm_pos_neg_acc" not in got and got["itm_pos_acc"] == 1.0
 
 
 def tiny_batches(cfg, sizes=(4, 3)):
@@ -122,7 +122,7 @@ def test_tiny_model_with_pinned_heads():
     batches = tiny_batches(model.cfg)
     got = evaluate_pretraining(model, batches)
     assert got["itm_pos_acc"] == 1.0 and got["itm_neg_acc"] == 0.0
-    assert got["itm_acc"] == pytest.approx(7 / 14)  # 7 positives, 7 rotated negatives
+    assert got["itm_pos_neg_acc"] == pytest.approx(7 / 14)  # 7 positives, 7 rotated negatives
     assert got["mlm_acc"] == pytest.approx(3 / 4) and got["num_mlm_tokens"] == 28.0
 
 

@@ -44,7 +44,8 @@ def evaluate_pretraining(model, batches: Iterable[Mapping], max_batches: int | N
     """Flat dict of floats (fractions in [0, 1], plus counts):
     tr_r1/5/10, ir_r1/5/10 (dual-encoder zero-shot retrieval among the split's images and
     captions; samples sharing "index" are one image with several captions), chance_r1;
-    itm_acc (positives and rotated in-batch negatives together), itm_pos_acc, itm_neg_acc;
+    itm_pos_neg_acc (positives and rotated in-batch negatives together; not the vl task's loss term
+    itm_acc, over hard negatives), itm_pos_acc, itm_neg_acc;
     mlm_acc (argmax at positions whose label is not -100); num_images, num_texts, num_mlm_tokens.
     Runs in eval mode without gradients and restores the model's mode. Metrics whose inputs are
     absent (no MLM labels, batches of one) are left out. `group`: the data-parallel group
@@ -135,7 +136,8 @@ def _reduce(local: dict, group) -> dict[str, float]:
                    num_texts=float(text_feats.shape[0]))
     metrics.update(itm_pos_acc=pos_right / positives)
     if negatives:
-        metrics.update(itm_acc=(pos_right + neg_right) / (positives + negatives), itm_neg_acc=neg_right / negatives)
+        metrics.update(itm_pos_neg_acc=(pos_right + neg_right) / (positives + negatives),
+                       itm_neg_acc=neg_right / negatives)
     if mlm_tokens:
         metrics.update(mlm_acc=mlm_right / mlm_tokens, num_mlm_tokens=mlm_tokens)
     return metrics
