@@ -18,9 +18,9 @@ def one_process_group():
 
 
 def finetune(out, stage: str) -> dict:
-    """Two steps of `stage` on tiny, saved at the end -> the engine's weights (full, fp32). VQA's
-    classifier is as wide as VQA v2's answers: the trainer's random batches always carry that many."""
-    cfg = load_run_config(None, ["preset=tiny", f"stage={stage}", "task.num_answers=3129", "data.source=random",
+    """Two steps of `stage` on tiny, saved at the end -> the engine's weights (full, fp32). The random
+    batches' VQA targets are as wide as the run's classifier (task.num_answers)."""
+    cfg = load_run_config(None, ["preset=tiny", f"stage={stage}", "task.num_answers=7", "data.source=random",
                                  "batch.micro=2", "schedule.steps=2", "schedule.warmup=0", "checkpoint.every=0",
                                  "checkpoint.export=false", "tracking_uri=none", "log_every=100",
                                  f"output_dir={out}"])

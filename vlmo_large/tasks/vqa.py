@@ -28,14 +28,7 @@ class VQA(Task):
     terms = ("vqa", "vqa_score")
 
     def heads(self, cfg, options) -> dict:
-        answers = tuple(load_answers(options.answers)) if options.answers else None
-        width = options.num_answers if options.num_answers is not None else len(answers or ())
-        if answers is not None and options.num_answers is not None and width != len(answers):
-            raise AnswerVocabularyError(f"task.num_answers={width} but task.answers {options.answers} lists "
-                                        f"{len(answers)} answers; drop task.num_answers or make them agree")
-        if width < 1:
-            raise AnswerVocabularyError("task 'vqa' needs its answer vocabulary: set task.answers to the JSON "
-                                        "list of answers (or task.num_answers to the classifier's width)")
+        width, answers = classifier_answers(options)
         return {"vqa_classifier": vqa_classifier(cfg.embed_dim, width, answers)}
 
     def inputs(self, batch: dict, ctx: StepContext, probe=None) -> list:
@@ -82,6 +75,19 @@ class VQA(Task):
         if official:
             metrics["vqa_acc"] = accuracy / max(questions, 1)
         return metrics
+
+
+def classifier_answers(options) -> tuple[int, tuple | None]:
+    """(the classifier's width, its answer strings or None) from the run's TaskOptions."""
+    answers = tuple(load_answers(options.answers)) if options.answers else None
+    width = options.num_answers if options.num_answers is not None else len(answers or ())
+    if answers is not None and options.num_answers is not None and width != len(answers):
+        raise AnswerVocabularyError(f"task.num_answers={width} but task.answers {options.answers} lists "
+                                    f"{len(answers)} answers; drop task.num_answers or make them agree")
+    if width < 1:
+        raise AnswerVocabularyError("task 'vqa' needs its answer vocabulary: set task.answers to the JSON "
+                                    "list of answers (or task.num_answers to the classifier's width)")
+    return width, answers
 
 
 def vqa_logits(model, hidden: torch.Tensor) -> torch.Tensor:

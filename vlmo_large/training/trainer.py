@@ -25,6 +25,7 @@ from vlmo_large.model import build_model
 from vlmo_large.parallel import state
 from vlmo_large.parallel.parallelize import parallelize, plan_from_config
 from vlmo_large.tasks.registry import get_task
+from vlmo_large.tasks.vqa import classifier_answers
 from vlmo_large.training import checkpointing, preemption
 from vlmo_large.training.engine import build_engine, is_zero3, model_dtype
 from vlmo_large.training.freezing import apply_stage_freezing
@@ -52,8 +53,9 @@ class NullTracker:
 def build_batches(cfg: RunConfig, resolved: ResolvedRun):
     kind, model_cfg, data = get_task(cfg.stage).data_kind, resolved.model, cfg.data
     if data.source == "random":
+        extra = {"num_answers": classifier_answers(cfg.task)[0]} if kind == "vqa" else {}  # the classifier's width
         return RandomBatches(kind, model_cfg, resolved.micro, cfg.seed, state.dp_rank(), data.mlm_prob, data.mim_ratio,
-                             data.random_distinct)
+                             data.random_distinct, **extra)
     from vlmo_large.data import build_loader, load_tokenizer
 
     tokenizer = load_tokenizer(data.tokenizer) if data.tokenizer else None
