@@ -79,8 +79,9 @@ def test_stage1_and_stage2_equal_the_hand_count():
 def test_a_real_step_counts_the_formula_plus_its_known_extra_work(stage):
     """torch's counter of a real forward + backward (unpadded, explicit attention) equals
     step_flops plus what the step computes beyond useful work: queries of positions the last
-    layer drops, the MLM head's empty slots, the MIM head at unmasked patches; minus the patch
-    embedding's input gradient (images need none)."""
+    layer drops, the MLM head's empty slots, the MIM head at unmasked patches, the stage-3 probe's
+    forward of the ITC head (its logits pick the hard negatives before the scored pass applies the
+    head again); minus the patch embedding's input gradient (images need none)."""
     cfg = get_preset("tiny", attention="explicit")
     torch.manual_seed(0)
     model = randomize_(build_model(cfg))
@@ -97,6 +98,8 @@ def test_a_real_step_counts_the_formula_plus_its_known_extra_work(stage):
     unmasked_patches = B * PATCHES - int(batch["mim_mask"].sum()) if stage == "mim" else 0
     extra = 3 * 2 * (dropped_queries * D * D + slots * (D * D + D * V) + unmasked_patches * D * PATCH * PATCH * 3) \
         - 2 * conv_macs() * image_passes
+    if stage == "vl":  # the probe: image and text projections, then the i2t and t2i logits, forward only
+        extra += 2 * (2 * B * D * D) + 2 * (2 * B * B * D)
     assert counter.get_total_flops() == pytest.approx(step_flops(cfg, stage, batch) + extra, rel=1e-9)
 
 

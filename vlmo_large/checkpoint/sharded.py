@@ -90,7 +90,8 @@ def load_sharded_plain(model: nn.Module, path: str) -> LoadReport:
     """
     from vlmo_large.parallel import state
 
-    rank, world = state.tp_rank(), state.tp_size()
+    world = getattr(model, "tp_size", 1)  # the model's own split: a one-process model needs no process group
+    rank = state.tp_rank() if world > 1 else 0
     params = dict(model.named_parameters())
     own = model.state_dict()
     if os.path.isfile(os.path.join(path, MANIFEST)):

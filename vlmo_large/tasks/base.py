@@ -109,8 +109,8 @@ class Task:
         outputs, probe = {}, None
         if self.probe_passes:
             outputs = self.encode(model, self.probe_passes, self.inputs(batch, ctx))
-            with torch.no_grad():
-                probe = self.probe(model, [outputs[i] for i in self.probe_passes], batch, ctx)
+            with torch.no_grad():  # detached: no view of a graph tensor made in no-grad mode (hooks reject those)
+                probe = self.probe(model, [outputs[i].detach() for i in self.probe_passes], batch, ctx)
         rest = [i for i in range(len(self.passes)) if i not in outputs]
         outputs.update(self.encode(model, rest, self.inputs(batch, ctx, probe)))
         return self.score(model, [outputs[i] for i in range(len(self.passes))], batch, ctx)

@@ -43,6 +43,9 @@ class PassOutput:
     x: torch.Tensor
     vl: Optional[torch.Tensor] = None
 
+    def detach(self) -> "PassOutput":
+        return PassOutput(self.x.detach(), None if self.vl is None else self.vl.detach())
+
 
 def embed(model, spec, inp: PassInput) -> PassState:
     mask_token = None if inp.mim_mask is None else model.mim_head.mask_token
