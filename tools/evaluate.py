@@ -63,9 +63,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        from vlmo_large.parallel import state
+        state.destroy()  # the world and megatron's groups over it together (stale groups break the next run)
     if _rank() == 0:
         out = args.out or f"eval_{args.task}.json"
         with open(out, "w") as f:

@@ -26,7 +26,9 @@ def train(out, tracker=None, **overrides):
 @pytest.fixture(scope="module", autouse=True)
 def one_process_group():
     """The trainers of this module share one in-memory process group, as dist_worker.py's do
-    (DeepSpeed keeps the first group it saw); it is taken down after the last one."""
+    (DeepSpeed keeps the first group it saw); it is taken down after the last one, and whatever an
+    earlier module left is taken down before the first."""
+    destroy_one_process_group()
     yield
     destroy_one_process_group()
 

@@ -39,6 +39,8 @@ def ensure_initialized(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> 
 
     If groups already exist with another layout that is an error, not a silent reuse.
     """
+    if not dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        destroy()  # megatron's groups of a world someone took down: stale, never reused
     init_distributed()
     if parallel_state.model_parallel_is_initialized():
         have = (parallel_state.get_tensor_model_parallel_world_size(),
