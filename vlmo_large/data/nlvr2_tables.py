@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 
-from vlmo_large.data.pair_tables import SkipLog, is_json_list, read_json
+from vlmo_large.data.pair_tables import SkipLog, is_json_list, json_lines, read_json
 from vlmo_large.errors import UserError
 
 _LABELS = {"True": True, "False": False, True: True, False: False}
@@ -63,26 +63,17 @@ def _pair_paths(record: dict, image_root: str) -> list[str]:
 
 def _read_lines(path: str, image_root: str, log: SkipLog) -> list[dict]:
     items = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                log.skip(where, "bad_json", f"not valid JSON: {exc}")
-                continue
-            statement = _statement(record, where, log)
-            if statement is None:
-                continue
-            if not isinstance(record.get("identifier"), str) or "-" not in record["identifier"]:
-                log.skip(where, "missing_identifier", "no identifier like 'train-10171-0-0'")
-                continue
-            images = _pair_paths(record, image_root)
-            if _existing(images, where, log):
-                items.append({"images": images, "json": {"sentence": statement[0], "label": statement[1],
-                                                         "id": record["identifier"]}})
+    for where, record in json_lines(path, log):
+        statement = _statement(record, where, log)
+        if statement is None:
+            continue
+        if not isinstance(record.get("identifier"), str) or "-" not in record["identifier"]:
+            log.skip(where, "missing_identifier", "no identifier like 'train-10171-0-0'")
+            continue
+        images = _pair_paths(record, image_root)
+        if _existing(images, where, log):
+            items.append({"images": images, "json": {"sentence": statement[0], "label": statement[1],
+                                                     "id": record["identifier"]}})
     return items
 
 

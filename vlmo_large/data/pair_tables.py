@@ -91,30 +91,35 @@ def _read_csv(table: str, root: str, out: TableRows) -> None:
             out.rows.append((os.path.join(root, row["image"]), captions, meta))
 
 
-def _read_jsonl(table: str, root: str, out: TableRows) -> None:
-    with open(table, encoding="utf-8", errors="replace") as f:
+def json_lines(path: str, log):
+    """(where, record) for each non-blank line of a JSON-lines file, where = "path:line"; a line that
+    is not JSON is skipped into `log` (SkipLog or TableRows) as bad_json."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{table}:{number}"
+            where = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except ValueError as exc:
-                out.skip(where, "bad_json", f"not valid JSON: {exc}")
-                continue
-            if not isinstance(record, dict):
-                out.skip(where, "not_an_object", f"a JSON {type(record).__name__}, not an object")
-                continue
-            image = record.get("image")
-            if not isinstance(image, str) or not image:
-                out.skip(where, "missing_image_field", "no image path")
-                continue
-            if not any(k in record for k in CAPTION_FIELDS):
-                out.skip(where, "missing_caption", "neither 'caption' nor 'captions'")
-                continue
-            value = record["captions"] if "captions" in record else record["caption"]
-            meta = {k: v for k, v in record.items() if k != "image" and k not in CAPTION_FIELDS}
-            out.rows.append((os.path.join(root, image), caption_list(value, where, out), meta))
+                log.skip(where, "bad_json", f"not valid JSON: {exc}")
+
+
+def _read_jsonl(table: str, root: str, out: TableRows) -> None:
+    for where, record in json_lines(table, out):
+        if not isinstance(record, dict):
+            out.skip(where, "not_an_object", f"a JSON {type(record).__name__}, not an object")
+            continue
+        image = record.get("image")
+        if not isinstance(image, str) or not image:
+            out.skip(where, "missing_image_field", "no image path")
+            continue
+        if not any(k in record for k in CAPTION_FIELDS):
+            out.skip(where, "missing_caption", "neither 'caption' nor 'captions'")
+            continue
+        value = record["captions"] if "captions" in record else record["caption"]
+        meta = {k: v for k, v in record.items() if k != "image" and k not in CAPTION_FIELDS}
+        out.rows.append((os.path.join(root, image), caption_list(value, where, out), meta))
 
 
 def read_pair_table(table: str, image_root: str | None = None, out: TableRows | None = None) -> TableRows:
