@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from vlmo_large.config import get_preset  # noqa: E402
+from vlmo_large.training.run_config import OptimConfig  # noqa: E402
 
 MICRO_BATCH, MICRO_BATCHES = 3, 2
 # eps above the rounding noise of near-zero gradients (~1e-10 after clipping): Adam's first step
@@ -71,7 +72,7 @@ def main(weights_path: str, out_dir: str, tp: int, pp: int) -> None:
         model = build_model(cfg, tp_group=state.tp_group())
         model.load_state_dict(local_state_dict(model, weights, state.tp_rank(), tp))
         apply_stage_freezing(model, stage)
-        engine = build_pipeline_engine(model, stage, ds_config(), tp, pp, weight_decay=WEIGHT_DECAY)
+        engine = build_pipeline_engine(model, stage, ds_config(), tp, pp, OptimConfig(weight_decay=WEIGHT_DECAY))
         heldout = PipelineStep(engine).evaluate(stage_batches(cfg, stage), step=0)
         losses = PipelineStep(engine).run(stage_batches(cfg, stage), step=0)
         after = gather_plain_state_dict(engine.module)
@@ -109,7 +110,7 @@ def fine_tuning_heldout(tp: int, pp: int) -> dict:
     task = get_task(FINE_TUNING)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     model = fine_tuning_model(lambda cfg, **kw: build_stage(cfg, stage, pp, tp_group=state.tp_group(), **kw), task)
-    engine = build_pipeline_engine(model, task, ds_config(), tp, pp)
+    engine = build_pipeline_engine(model, task, ds_config(), tp, pp, OptimConfig())
     return PipelineStep(engine).evaluate(fine_tuning_batches(task), step=0)
 
 if __name__ == "__main__":

@@ -76,5 +76,6 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "<
                                   f"expects {tuple(own[name].shape)} (a checkpoint of another preset?)")
         report.loaded.append(name)
     report.missing = [n for n in own if n not in state]
-    model.load_state_dict({n: state[n] for n in report.loaded}, strict=False)
+    # another pipeline stage's tensors stay on meta here (parallel/stage_build.py): that stage loads them
+    model.load_state_dict({n: state[n] for n in report.loaded if not own[n].is_meta}, strict=False)
     return report

@@ -26,14 +26,16 @@ from vlmo_large.tasks.base import StepContext
 from vlmo_large.tasks.loss_weights import LossWeights
 from vlmo_large.tasks.registry import get_task
 from vlmo_large.training.engine import model_dtype, prepare_deepspeed
-from vlmo_large.training.optimization import param_groups
+from vlmo_large.training.optimization import run_param_groups
 from vlmo_large.training.pipeline_module import TaskPipeline, first_stage_inputs
 
 
 def build_pipeline_engine(model, task, ds_config: dict, tensor_parallel: int, pipeline_parallel: int,
-                          weight_decay: float = 0.01, decay_rule: str = "reference", lr_scheduler=None):
+                          optim, heads=(), lr_scheduler=None):
     """`model`: VLMo built whole with this rank's TP group (state.ensure_initialized first) and
-    frozen for the task; this rank keeps its stage of it. AdamW groups by VLMo name."""
+    frozen for the task; this rank keeps its stage of it. AdamW groups by VLMo name, as one
+    process's (`optim`: the run's OptimConfig; `heads`: the task's new modules), the same list of
+    groups on every stage (stage_aligned_groups)."""
     world = dist.get_world_size()
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
     validate_layout(model.cfg, tensor_parallel, pipeline_parallel,
@@ -46,8 +48,31 @@ def build_pipeline_engine(model, task, ds_config: dict, tensor_parallel: int, pi
                                               grad_partitioned=False))
     pipe = TaskPipeline(model, get_task(task), pipeline_topology(tensor_parallel, pipeline_parallel))
     engine, *_ = deepspeed.initialize(model=pipe, config=ds_config, lr_scheduler=lr_scheduler,
-                                      model_parameters=param_groups(pipe, weight_decay, decay_rule))
+                                      model_parameters=stage_aligned_groups(
+                                          run_param_groups(pipe, optim, model.cfg.depth, heads)))
     return engine
+
+
+def stage_aligned_groups(groups: list[dict]) -> list[dict]:
+    """`groups` with as many groups as the rank with the most (its stage has the heads' own lr, or
+    more layer-decay levels): the largest groups are split into parts with the same settings.
+    DeepSpeed's ZeRO optimizer all-reduces each group's gradient norm over every stage and drops
+    empty groups, so unequal counts hang its step; a split changes nothing else (AdamW is
+    elementwise, and the global norm sums over groups)."""
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, len(groups))
+    out = list(groups)
+    while len(out) < max(counts):
+        i = max(range(len(out)), key=lambda j: len(out[j]["params"]))
+        params = out[i]["params"]
+        if len(params) < 2:
+            raise ValueError(f"pipeline stage of rank {dist.get_rank()}: {sum(len(g['params']) for g in out)} "
+                             f"trainable tensors, fewer than the {max(counts)} AdamW groups of another stage; "
+                             "use fewer pipeline stages")
+        half = len(params) // 2
+        out[i:i + 1] = [{**out[i], "params": params[:half]},
+                        {**out[i], "params": params[half:], "name": f"{out[i]['name']}#{len(out)}"}]
+    return out
 
 
 class PipelineStep:

@@ -41,7 +41,7 @@ class PipelineTrainer(Trainer):
         # torch's fused AdamW as training/engine.py's build_engine (no FusedAdam JIT build)
         self.engine = build_pipeline_engine(
             self.model, cfg.stage, with_torch_fused_adamw(resolved.ds_config), cfg.parallel.tp, cfg.parallel.pp,
-            weight_decay=cfg.optim.weight_decay, decay_rule=cfg.optim.decay_rule,
+            cfg.optim, self.head_names,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: schedule(step)))
         # the MLM head's fixed slot count, as TaskObjective sets it (no host sync per step)
         self.runner = PipelineStep(self.engine, cfg.loss, cfg.seed,
