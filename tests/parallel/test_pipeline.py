@@ -1,8 +1,9 @@
 """DeepSpeed pipeline (PP=2, and TP=2 x PP=2) equals one process: losses, loss terms and weights after
 one ZeRO-1 AdamW step with gradient clipping, and held-out evaluation's loss terms on the starting
 weights, for pretraining stages vl (ITC over the global batch, ITM with hard negatives, MLM), mim
-and text_mlm. Real processes under torchrun, gloo, fp32, tiny
-preset; the reference is training/'s TaskObjective on plain VLMo in this process."""
+and text_mlm; and the held-out metrics of vl, nlvr2 and vqa (Task.heldout_metrics: retrieval R@k,
+ITM/MLM accuracy, nlvr2_acc, vqa_score/vqa_acc). Real processes under torchrun, gloo, fp32, tiny
+preset; the reference is training/'s TaskObjective (and Task.heldout_metrics) on plain VLMo in this process."""
 import os
 
 import pytest
@@ -10,8 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.parallel.pipeline_reference import reference_fine_tuning_heldout, reference_heldout, reference_step
-from tests.parallel.pipeline_worker import FINE_TUNING
+from tests.parallel.pipeline_worker import (FINE_TUNING, METRIC_TASKS, fine_tuning_batches, fine_tuning_model,
+                                            stage_batches)
 from tests.training.conftest import REPO, run_torchrun
+from vlmo_large.model import build_model
+from vlmo_large.tasks.registry import get_task
 from vlmo_large.training.freezing import is_trainable
 
 LAYOUTS = {"pp2": (1, 2), "tp2_pp2": (2, 2)}
@@ -35,7 +39,9 @@ def pipeline_run(request, weights, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     run_torchrun([os.path.join(REPO, "tests/parallel/pipeline_worker.py"), str(weights), str(out), str(tp), str(pp)],
                  nproc=tp * pp, timeout=300)
-    return {stage: torch.load(out / f"{stage}.pt", weights_only=True) for stage in (*STAGES, FINE_TUNING)}
+    runs = {stage: torch.load(out / f"{stage}.pt", weights_only=True) for stage in (*STAGES, FINE_TUNING)}
+    metrics = {name: torch.load(out / f"{name}_metrics.pt", weights_only=True) for name in METRIC_TASKS}
+    return {**runs, "metrics": {"vl": runs["vl"]["metrics"], **metrics}}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -66,6 +72,30 @@ def test_a_fine_tuning_task_written_for_one_process_runs_in_the_pipeline(pipelin
     assert set(got) == set(ref), (sorted(got), sorted(ref))
     for name, value in ref.items():
         assert got[name] == pytest.approx(value, rel=1e-5), name
+
+
+@pytest.mark.parametrize("name", ("vl", *METRIC_TASKS))
+def test_heldout_metrics_match_one_process(pipeline_run, weights, name):
+    """Task.heldout_metrics at PP (held-out evaluation: PipelineStep.heldout_parts, the last stage's
+    Task.heldout_batch on every rank, then Task.heldout_reduce) equals one process's on the same
+    weights and batches: vl's zero-shot retrieval, ITM and MLM accuracy (evaluate_pretraining),
+    nlvr2_acc, vqa_score and the official vqa_acc."""
+    ref = reference_metrics(str(weights), name)
+    got = pipeline_run["metrics"][name]
+    assert set(got) == set(ref), (sorted(got), sorted(ref))
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+
+
+def reference_metrics(weights_path: str, name: str) -> dict:
+    """Task.heldout_metrics of `name` in one process, in eval mode: stage vl on the worker's plain
+    weights and micro-batches, a fine-tuning task on the worker's whole build and batches."""
+    if name == "vl":
+        model = build_model("tiny").eval()
+        model.load_state_dict(load_file(weights_path))
+        return get_task(name).heldout_metrics(model, stage_batches(model.cfg, name))
+    task = get_task(name)
+    return task.heldout_metrics(fine_tuning_model(build_model, task).eval(), fine_tuning_batches(task))
 
 
 @pytest.mark.parametrize("stage", STAGES)

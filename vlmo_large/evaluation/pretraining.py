@@ -7,11 +7,13 @@ Batches are the data pipeline's ("image", "text_ids", "text_mask", and optionall
 "mlm_labels", "index"). Under data parallelism every rank passes its own share and gets the same
 result: features are all-gathered and counts summed over the data-parallel group (gather.py), so
 every metric is over the whole split. Every rank of the group must call this (it is a collective).
-Pipeline-parallel models are not supported (the encoders must run on one stage).
+A pipeline-parallel model runs the same encoder calls as passes (tasks/pretraining_metrics.py), and
+its last stage computes batch_metrics.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from itertools import islice
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -25,11 +27,6 @@ def encode_for_retrieval(model, images: torch.Tensor, text_ids: torch.Tensor, te
     image_cls = model.backbone.encode_image(images)[:, 0]
     text_cls = model.backbone.encode_text(text_ids, text_mask)[:, 0]
     return model.itc(image_cls, text_cls)
-
-
-def itm_match_logits(model, text_ids, text_mask, images) -> torch.Tensor:
-    """[B, 2] logits (index 1 = "matches") from the fused encoder's pooled first token."""
-    return model.itm_head(model.pooler(model.backbone.encode_pair(text_ids, text_mask, images)))
 
 
 def negative_shift(batch_size: int, generator: torch.Generator) -> int:
@@ -49,63 +46,95 @@ def evaluate_pretraining(model, batches: Iterable[Mapping], max_batches: int | N
     mlm_acc (argmax at positions whose label is not -100); num_images, num_texts, num_mlm_tokens.
     Runs in eval mode without gradients and restores the model's mode. Metrics whose inputs are
     absent (no MLM labels, batches of one) are left out. `group`: the data-parallel group
-    ("default": megatron's, else the world; None: the world)."""
+    ("default": megatron's, else the world; None: the world).
+
+    In pieces: plan_batches, the encoder calls (pretraining_encode), batch_metrics of each batch,
+    reduce_batches; the pipeline's last stage computes batch_metrics from its own passes
+    (tasks/pretraining_metrics.py)."""
     group = default_group() if group == "default" else group
     model = getattr(model, "module", model)  # a DeepSpeed engine / DDP wrapper: the model inside
     was_training = model.training
     model.eval()
     try:
-        local = _run_batches(model, batches, max_batches, seed)
+        param = next(model.parameters())
+        on_model = (_on_device(batch, param.device, param.dtype) for batch in islice(batches, max_batches))
+        parts = [batch_metrics(model, *pretraining_encode(model, batch), batch)
+                 for batch in plan_batches(on_model, seed)]
     finally:
         model.train(was_training)
+    return reduce_batches(parts, group)
+
+
+def plan_batches(batches: Iterable[Mapping], seed: int = 0) -> Iterator[dict]:
+    """Each batch with what its ITM negatives read: "negative_shift" (negative_shift's draws from
+    `seed`, in batch order) and "image_keys" (its "index", else positions unique across batches)."""
+    generator = torch.Generator().manual_seed(seed)
+    offset = 0
+    for batch in batches:
+        size, device = batch["image"].shape[0], batch["image"].device
+        keys = batch["index"].to(device) if "index" in batch else torch.arange(offset, offset + size, device=device)
+        offset += size
+        yield dict(batch, image_keys=keys, negative_shift=negative_shift(size, generator))
+
+
+def has_mlm(batch: Mapping) -> bool:
+    return "mlm_ids" in batch and "mlm_labels" in batch
+
+
+def pretraining_encode(model, batch: Mapping) -> tuple:
+    """The final-normed states of a planned batch's encoder calls: image, text (the dual encoder),
+    the fused positives, the fused rotated negatives (None without a shift) and the fused MLM rows
+    (None without MLM labels)."""
+    backbone, images = model.backbone, batch["image"]
+    ids, mask, shift = batch["text_ids"], batch["text_mask"], batch["negative_shift"]
+    return (backbone.encode_image(images), backbone.encode_text(ids, mask), backbone.encode_pair(ids, mask, images),
+            backbone.encode_pair(ids, mask, images.roll(shift, 0)) if shift else None,
+            backbone.encode_pair(batch["mlm_ids"], mask, images) if has_mlm(batch) else None)
+
+
+def batch_metrics(model, image, text, positive, negative, mlm, batch: Mapping) -> dict:
+    """One planned batch's part of the metrics, from pretraining_encode's states: the ITC features
+    of the image and text CLS, the image keys, and counts [ITM positives right, positives, negatives
+    right, negatives, MLM right, MLM tokens]. Negatives whose image is the caption's own picture
+    (several captions of one image) are not counted."""
+    image_feats, text_feats = model.itc(image[:, 0], text[:, 0])
+    keys, shift = batch["image_keys"], batch["negative_shift"]
+    counts = torch.zeros(6, dtype=torch.float64)
+    counts[:2] = torch.tensor([(_match_logits(model, positive).argmax(-1) == 1).sum().item(), positive.shape[0]])
+    valid = keys != keys.roll(shift, 0)
+    if shift and negative is not None and valid.any():
+        right = (_match_logits(model, negative[valid]).argmax(-1) == 0).sum().item()
+        counts[2:4] = torch.tensor([right, int(valid.sum())])
+    if mlm is not None and has_mlm(batch):
+        counts[4:] = _mlm_counts(model, mlm[:, :batch["mlm_ids"].shape[1]], batch["mlm_labels"])  # text first
+    return {"image_feats": image_feats.float(), "text_feats": text_feats.float(), "image_keys": keys,
+            "counts": counts.to(image_feats.device)}
+
+
+def reduce_batches(parts: list[dict], group) -> dict[str, float]:
+    """The metrics from batch_metrics' parts of this rank's batches, over every rank of `group`."""
+    if not parts:
+        raise ValueError("evaluate_pretraining: no batches")
+    local = {name: torch.cat([part[name] for part in parts]) for name in ("image_feats", "text_feats", "image_keys")}
+    local["counts"] = sum(part["counts"] for part in parts)
     return _reduce(local, group)
 
 
-def _run_batches(model, batches, max_batches, seed) -> dict:
-    param = next(model.parameters())
-    device = param.device
-    generator = torch.Generator().manual_seed(seed)
-    image_feats, text_feats, image_keys = [], [], []
-    # counts: itm positives right, positives, negatives right, negatives, mlm right, mlm tokens
-    counts = torch.zeros(6, dtype=torch.float64)
-    offset = 0
-    for step, batch in enumerate(batches):
-        if max_batches is not None and step >= max_batches:
-            break
-        images = model_pixels(batch["image"], device, param.dtype)  # uint8 or normalised; bf16 models take bf16
-        ids, mask = batch["text_ids"].to(device), batch["text_mask"].to(device)
-        size = images.shape[0]
-        keys = batch["index"].to(device) if "index" in batch else None
-        img, txt = encode_for_retrieval(model, images, ids, mask)
-        image_feats.append(img.float())
-        text_feats.append(txt.float())
-        # Without "index" every sample is its own image; ids stay unique across batches.
-        image_keys.append(keys if keys is not None else torch.arange(offset, offset + size, device=device))
-        offset += size
-        counts[:4] += _itm_counts(model, ids, mask, images, image_keys[-1], negative_shift(size, generator))
-        if "mlm_ids" in batch and "mlm_labels" in batch:
-            counts[4:] += _mlm_counts(model, batch["mlm_ids"].to(device), mask, images,
-                                      batch["mlm_labels"].to(device))
-    if not image_feats:
-        raise ValueError("evaluate_pretraining: no batches")
-    return {"image_feats": torch.cat(image_feats), "text_feats": torch.cat(text_feats),
-            "image_keys": torch.cat(image_keys), "counts": counts.to(device)}
+def _on_device(batch: Mapping, device, dtype) -> dict:
+    """The batch's images as the model takes them (uint8 or normalised; bf16 models take bf16), its
+    text and index on the model's device."""
+    out = dict(batch, image=model_pixels(batch["image"], device, dtype))
+    out.update({name: batch[name].to(device) for name in ("text_ids", "text_mask", "mlm_ids", "mlm_labels", "index")
+                if name in batch})
+    return out
 
 
-def _itm_counts(model, ids, mask, images, image_keys, shift) -> torch.Tensor:
-    pos_right = (itm_match_logits(model, ids, mask, images).argmax(-1) == 1).sum().item()
-    neg_right = negatives = 0
-    if shift:
-        # Skip pairs whose "negative" image is the same picture (several captions of one image).
-        valid = image_keys != image_keys.roll(shift, 0)
-        if valid.any():
-            logits = itm_match_logits(model, ids[valid], mask[valid], images.roll(shift, 0)[valid])
-            neg_right, negatives = (logits.argmax(-1) == 0).sum().item(), int(valid.sum())
-    return torch.tensor([pos_right, images.shape[0], neg_right, negatives], dtype=torch.float64)
+def _match_logits(model, fused: torch.Tensor) -> torch.Tensor:
+    """[B, 2] logits (index 1 = "matches") from the fused encoder's pooled first token."""
+    return model.itm_head(model.pooler(fused))
 
 
-def _mlm_counts(model, mlm_ids, mask, images, labels) -> torch.Tensor:
-    hidden = model.backbone.encode_pair(mlm_ids, mask, images)[:, :mlm_ids.shape[1]]  # text first
+def _mlm_counts(model, hidden, labels) -> torch.Tensor:
     masked = labels != -100
     logits = model.mlm_head(hidden[masked])
     predicted = _full_vocab_argmax(model, logits)

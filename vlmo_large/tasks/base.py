@@ -126,9 +126,42 @@ class Task:
         `passes`); 0 leaves them out of MFU."""
         return 0.0
 
+    @property
+    def heldout_in_pieces(self) -> bool:
+        """Whether the held-out metrics come in pieces (heldout_batch/heldout_reduce), which the
+        pipeline computes too; a task that implements `heldout_metrics` alone has them in one process only."""
+        return type(self).heldout_batch is not Task.heldout_batch
+
+    def heldout_inputs(self, batches: list) -> tuple[tuple[EncoderPass, ...], list]:
+        """(the encoder passes of the held-out metrics, per batch (their PassInputs, the batch
+        `heldout_batch` reads)). Default: the task's passes and inputs (a task without probe passes)."""
+        ctx = StepContext()
+        return self.passes, [(self.inputs(batch, ctx), batch) for batch in batches]
+
+    def heldout_batch(self, model, outputs: list, batch: dict) -> dict:
+        """One batch's part of the held-out metrics from the PassOutputs of heldout_inputs' passes:
+        {name: tensor} (sums, counts, rows) for heldout_reduce. The pipeline's last stage calls it."""
+        raise NotImplementedError
+
+    def heldout_reduce(self, parts: list) -> dict:
+        """The metrics from heldout_batch's parts of this rank's batches, over every data-parallel rank
+        (collective over the data-parallel group: every rank calls it, at any layout)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
     def heldout_metrics(self, model, batches: list) -> dict:
-        """Metrics held-out evaluation reports besides the loss terms (every rank calls it)."""
-        return {}
+        """Metrics held-out evaluation reports besides the loss terms (every rank calls it): in one
+        process, the passes of heldout_inputs, heldout_batch of each batch, heldout_reduce. Default
+        without those pieces: none."""
+        if not self.heldout_in_pieces:
+            return {}
+        model = getattr(model, "module", model)
+        specs, items = self.heldout_inputs(batches)
+        parts = []
+        for inputs, batch in items:
+            outputs = [encode(model, spec, inp) for spec, inp in zip(specs, inputs)]
+            parts.append(self.heldout_batch(model, outputs, batch))
+        return self.heldout_reduce(parts)
 
     def __repr__(self) -> str:
         return f"<task {self.name}: {self.data_kind} data, terms {', '.join(self.terms)}>"

@@ -45,16 +45,15 @@ class NLVR2(Task):
         D, B = cfg.embed_dim, batch["text_ids"].shape[0]
         return float(B * 2 * (2 * D * D + 2 * D * 2 * D + 2 * D * 2))  # two pooler rows, the classifier
 
-    @torch.no_grad()
-    def heldout_metrics(self, model, batches: list) -> dict:
+    def heldout_batch(self, model, outputs: list, batch: dict) -> dict:
+        """[statements predicted right, statements] of the batch."""
+        predicted = nlvr2_logits(model, outputs[0].x, outputs[1].x).argmax(-1)
+        right = (predicted == batch["nlvr2_labels"]).sum()
+        return {"counts": torch.stack([right, right.new_tensor(predicted.shape[0])]).double()}
+
+    def heldout_reduce(self, parts: list) -> dict:
         """nlvr2_acc over every rank's batches (collective over the data-parallel group)."""
-        model = getattr(model, "module", model)
-        counts = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)  # right, statements
-        for batch in batches:
-            outputs = self.encode(model, range(len(self.passes)), self.inputs(batch, StepContext()))
-            predicted = nlvr2_logits(model, outputs[0].x, outputs[1].x).argmax(-1)
-            counts[0] += (predicted == batch["nlvr2_labels"]).sum()
-            counts[1] += predicted.shape[0]
+        counts = sum(part["counts"] for part in parts) if parts else torch.zeros(2, dtype=torch.float64)
         right, statements = sum_over_ranks(counts, default_group()).tolist()
         return {"nlvr2_acc": right / max(statements, 1), "num_statements": statements}
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 from vlmo_large.tasks.base import EncoderPass, StepContext, Task
 from vlmo_large.tasks.losses import contrastive_loss
 from vlmo_large.tasks.passes import PassInput
+from vlmo_large.tasks.pretraining_metrics import PretrainingMetrics
 from vlmo_large.tasks.registry import register
 
 
 @register
-class Retrieval(Task):
+class Retrieval(PretrainingMetrics, Task):
     name = "retrieval"
     data_kind = "image_text"
     passes = (EncoderPass("image", keep="cls"), EncoderPass("text", keep="cls"))  # ITC reads CLS only
@@ -31,7 +32,3 @@ class Retrieval(Task):
     def head_flops(self, cfg, batch: dict, data_parallel: int) -> float:
         D, B = cfg.embed_dim, batch["text_mask"].shape[0]
         return float(2 * B * 2 * D * D + 2 * 2 * B * (B * data_parallel) * D)  # projections, both logit matrices
-
-    def heldout_metrics(self, model, batches: list) -> dict:
-        from vlmo_large.evaluation import evaluate_pretraining  # matplotlib and friends: only when evaluating
-        return evaluate_pretraining(model, batches)

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from vlmo_large.tasks.base import EncoderPass, StepContext, Task
 from vlmo_large.tasks.losses import ITM_PAIRS, contrastive_loss, itm_labels, itm_pairs, mlm_head_flops, mlm_loss
 from vlmo_large.tasks.passes import PassInput, PassOutput
+from vlmo_large.tasks.pretraining_metrics import PretrainingMetrics
 from vlmo_large.tasks.registry import register
 
 
 @register
-class VisionLanguage(Task):
+class VisionLanguage(PretrainingMetrics, Task):
     name = "vl"
     data_kind = "image_text"
     passes = (EncoderPass("image", vl_branch=True, keep="cls"),  # ITC reads CLS only
@@ -74,8 +75,3 @@ class VisionLanguage(Task):
         itc = 2 * (2 * B * 2 * D * D + 2 * 2 * B * (B * data_parallel) * D)  # two ITC heads: projections, logits
         itm = ITM_PAIRS * B * 2 * (D * D + 2 * D)  # pooler and the 2-way head on the pairs' CLS
         return float(itc + itm) + mlm_head_flops(cfg, batch)
-
-    def heldout_metrics(self, model, batches: list) -> dict:
-        from vlmo_large.evaluation import evaluate_pretraining  # matplotlib and friends: only when evaluating
-        return evaluate_pretraining(model, batches)
-

@@ -53,24 +53,28 @@ class VQA(Task):
         answers = batch["vqa_targets"].shape[1]
         return float(B * 2 * (D * D + D * 2 * D + 2 * D * answers))  # pooler, then the classifier's two Linears
 
-    @torch.no_grad()
-    def heldout_metrics(self, model, batches: list) -> dict:
+    def heldout_batch(self, model, outputs: list, batch: dict) -> dict:
+        """[soft score, official accuracy, questions, official] summed over the batch; official: 1 when
+        the classifier knows its answer strings (task.answers) and the batch has the human answers."""
+        (fused,) = outputs
+        predicted = vqa_logits(model, fused.x).argmax(-1)
+        labels = model.vqa_classifier.labels
+        official = labels is not None and "vqa_answers" in batch
+        accuracy = 0.0
+        if official:
+            accuracy = sum(vqa_accuracy(labels[a], humans) for a, humans in zip(predicted.tolist(), batch["vqa_answers"]))
+        score = float(batch["vqa_targets"].gather(1, predicted[:, None]).sum())
+        return {"sums": torch.tensor([score, accuracy, predicted.shape[0], float(official)], dtype=torch.float64,
+                                     device=fused.x.device)}
+
+    def heldout_reduce(self, parts: list) -> dict:
         """vqa_score: the reference's score (the soft target of the predicted answer, i.e. its VQA
         accuracy when the answer is in the vocabulary); vqa_acc: the official accuracy against the
-        batches' human answers (needs the vocabulary's strings: task.answers). Over every rank's
-        batches (collective over the data-parallel group)."""
-        model = getattr(model, "module", model)
-        labels = model.vqa_classifier.labels
-        official = labels is not None and all("vqa_answers" in batch for batch in batches)
-        sums = torch.zeros(3, dtype=torch.float64)  # soft score, official accuracy, questions
-        for batch in batches:
-            predicted = self.predict(model, batch)
-            sums[0] += float(batch["vqa_targets"].gather(1, predicted[:, None]).sum())
-            if official:
-                sums[1] += sum(vqa_accuracy(labels[a], humans)
-                               for a, humans in zip(predicted.tolist(), batch["vqa_answers"]))
-            sums[2] += predicted.shape[0]
-        score, accuracy, questions = sum_over_ranks(sums.to(_device(model)), default_group()).tolist()
+        batches' human answers, when every batch of this rank has them and the vocabulary's strings
+        are known. Over every rank's batches (collective over the data-parallel group)."""
+        official = all(bool(part["sums"][3]) for part in parts)
+        sums = sum(part["sums"][:3] for part in parts) if parts else torch.zeros(3, dtype=torch.float64)
+        score, accuracy, questions = sum_over_ranks(sums, default_group()).tolist()
         metrics = {"vqa_score": score / max(questions, 1), "num_questions": questions}
         if official:
             metrics["vqa_acc"] = accuracy / max(questions, 1)
@@ -108,7 +112,3 @@ def vqa_predictions(model, batches) -> dict[int, str]:
         predicted = task.predict(model, batch).tolist()
         out.update({int(q): labels[a] for q, a in zip(batch["qid"].tolist(), predicted)})
     return out
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device

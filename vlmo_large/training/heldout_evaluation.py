@@ -4,9 +4,12 @@ MLM accuracy), plus, for a task with `retrieval`, held-out retrieval and a retri
 when a retrieval split (images + captions JSON) is configured.
 
 Every rank calls it (the metrics are collectives over the data-parallel group). With pipeline
-parallelism the loss terms go through the pipeline (PipelineStep.evaluate: computed on the last
-stage, sent to the others); the task's other metrics and retrieval need the whole model in one
-process and are left out.
+parallelism the loss terms and the task's metrics go through the pipeline: PipelineStep.evaluate
+and PipelineStep.heldout_parts compute them on the last stage (Task.score, Task.heldout_batch) and
+send them to the others, where the loss terms are averaged and the metrics reduced
+(Task.heldout_reduce) over data parallel as in one process. A task whose metrics are not in those
+pieces (a plugin that implements heldout_metrics alone) and the held-out retrieval over
+`eval.retrieval_json` (heldout_retrieval, the whole model in one process) are left out at PP.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ class HeldOutEvaluator:
             results.update(self._loss_terms(engine, batches, step))
             if self.cfg.parallel.pp == 1:
                 results.update(self.task.heldout_metrics(model, batches))
+            elif self.task.heldout_in_pieces:
+                results.update(self.task.heldout_reduce(self._pipeline_step(engine).heldout_parts(batches, step)))
         if self.cfg.eval.retrieval_json and self.task.retrieval and self.cfg.parallel.pp == 1:
             results.update(self._retrieval(model, step))
         return results
@@ -60,16 +65,19 @@ class HeldOutEvaluator:
     def _loss_terms(self, engine, batches, step: int) -> dict:
         from vlmo_large.training.trainer import mean_over_data_parallel
         if self.cfg.parallel.pp > 1:
-            from vlmo_large.data.masking import max_masked_tokens
-            from vlmo_large.training.pipeline_engine import PipelineStep
-            slots = max_masked_tokens(self.resolved.model.max_text_len, self.cfg.data.mlm_prob)
-            sums = PipelineStep(engine, self.cfg.loss, self.cfg.seed, slots).evaluate(batches, step)
+            sums = self._pipeline_step(engine).evaluate(batches, step)
             return mean_over_data_parallel({k: v.to(engine.device) for k, v in sums.items()}, len(batches))
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             for k, v in engine(batch, step).items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         return mean_over_data_parallel(sums, len(batches))
+
+    def _pipeline_step(self, engine):
+        from vlmo_large.data.masking import max_masked_tokens
+        from vlmo_large.training.pipeline_engine import PipelineStep
+        slots = max_masked_tokens(self.resolved.model.max_text_len, self.cfg.data.mlm_prob)
+        return PipelineStep(engine, self.cfg.loss, self.cfg.seed, slots)
 
     def _retrieval(self, model, step: int) -> dict:
         from vlmo_large.evaluation.heldout_retrieval import heldout_retrieval

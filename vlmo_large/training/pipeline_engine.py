@@ -8,6 +8,9 @@ A step of M micro-batches:
      negatives from the one-process step's generator, StepContext, so both paths draw the same);
   3. `engine.train_batch` (or, for held-out evaluation, `engine.eval_batch`) over all passes; the
      last stage scores them (`Task.score`).
+Held-out metrics (`heldout_parts`) are one `engine.eval_batch` over the passes of
+`Task.heldout_inputs`; the last stage computes `Task.heldout_batch` of each micro-batch, which goes
+to every stage, where `Task.heldout_reduce` sums it over data parallel.
 Cost of step 1 at stage vl: one forward of the image and text streams without backward, VL branch
 or fused pairs, ~7% of the step's compute at 224 px / 40 tokens, plus one pipeline fill and drain.
 Its logits come from eval mode (no drop path), where one process takes them from its training
@@ -97,11 +100,25 @@ class PipelineStep:
         sums = torch.stack(out).sum(0).cpu() if self.last else None
         return dict(zip(("loss", *self.task.terms), self._from_last_stage(sums)))
 
+    def heldout_parts(self, micro_batches: list[dict], step: int) -> list[dict]:
+        """Held-out: the task's Task.heldout_batch of each micro-batch (on the last stage, over the
+        passes of Task.heldout_inputs) on every rank, on this rank's device, for Task.heldout_reduce."""
+        specs, items = self.task.heldout_inputs(self._cast(micro_batches))
+        self._use("metrics", self._context(step), specs)
+        self._eval([(first_stage_inputs(inputs) if self.first else None, mb) for inputs, mb in items])
+        parts = [{k: v.cpu() for k, v in part.items()} for part in self.pipe.metric_parts] if self.last else None
+        return [{k: v.to(self.engine.device) for k, v in part.items()} for part in self._from_last_stage(parts)]
+
+    def _cast(self, micro_batches: list[dict]) -> list[dict]:
+        # the pipeline engine feeds inputs as they come: images in the weights' dtype (bf16 runs)
+        return [dict(mb, image=mb["image"].to(self.dtype)) if "image" in mb else mb for mb in micro_batches]
+
+    def _context(self, step: int) -> StepContext:
+        return StepContext(self.weights, state.dp_group(), self.seed, step, self.mlm_slots)
+
     def _data(self, micro_batches: list[dict], step: int, mode: str) -> list:
         """(first stage inputs, the micro-batch for the loss) of each micro-batch."""
-        # the pipeline engine feeds inputs as they come: images in the weights' dtype (bf16 runs)
-        batches = [dict(mb, image=mb["image"].to(self.dtype)) if "image" in mb else mb for mb in micro_batches]
-        ctx = StepContext(self.weights, state.dp_group(), self.seed, step, self.mlm_slots)
+        batches, ctx = self._cast(micro_batches), self._context(step)
         probes = self._probe(batches, ctx) if self.task.probe_passes else [None] * len(batches)
         self._use(mode, ctx)
         return [(first_stage_inputs(self.task.inputs(mb, ctx, probe)) if self.first else None, mb)
@@ -122,8 +139,8 @@ class PipelineStep:
         return self.engine.eval_batch(iter(data), compute_loss=True, reduce_output=None, bcast_loss=False,
                                       num_micro_batches=len(data))
 
-    def _use(self, mode: str, ctx) -> None:
-        self.pipe.use(mode, ctx)
+    def _use(self, mode: str, ctx, specs: tuple = ()) -> None:
+        self.pipe.use(mode, ctx, specs)
         self.engine.reset_activation_shape()  # the tuple between stages changes with the mode
 
     def _from_last_stage(self, value):

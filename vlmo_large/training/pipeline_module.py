@@ -2,10 +2,11 @@
 
 Layers: 0 embeds the task's passes (tasks/passes.py embed), 1 + i runs block i of every pass
 (passes.run), depth + 1 applies the final norm (passes.finish); the loss function calls the task's
-`score` (or `probe`) on the last stage. A layer is a thin callable over the modules of the one VLMo
-this rank keeps: the tensors of its stage (parallel/layout.py stage_of), the others dropped. VLMo's
-top modules are registered as the pipeline's own, so parameter names are VLMo's, and each layer's
-state_dict (what DeepSpeed writes as layer_LL-model_TT-model_states.pt) is keyed by VLMo names.
+`score` (or `probe`, or `heldout_batch`) on the last stage. A layer is a thin callable over the
+modules of the one VLMo this rank keeps: the tensors of its stage (parallel/layout.py stage_of),
+the others dropped. VLMo's top modules are registered as the pipeline's own, so parameter names are
+VLMo's, and each layer's state_dict (what DeepSpeed writes as layer_LL-model_TT-model_states.pt) is
+keyed by VLMo names.
 
 Between stages the tuple holds, per pass: its states, its text mask (not for an image pass) and,
 past layer vl_start, its VL branch. The first stage's inputs are each pass's PassInput fields in
@@ -85,20 +86,24 @@ class TaskPipeline(PipelineModule):
             self.add_module(name, child)
         self.to(get_accelerator().device_name(self.local_rank))
         self.task, self.specs, self.mode, self.ctx, self.terms = task, task.passes, "train", None, None
+        self.metric_parts = []  # not `parts`: DeepSpeed's layer bounds
 
     def _partition_layers(self, method: str = "uniform") -> None:
         """DeepSpeed's partition hook (called by its __init__): the layer bounds of stage_blocks."""
         self.parts = pipeline_parts(len(self._layer_specs) - 2, self.num_stages)
         self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
 
-    def use(self, mode: str, ctx) -> None:
+    def use(self, mode: str, ctx, specs: tuple = ()) -> None:
         """mode "probe": the task's probe passes without their VL branch, the loss returns the probe;
         "train": every pass, the loss returns the loss; "eval": every pass, the loss returns the loss
-        and its terms. All ranks switch together (the engine resets its activation shapes)."""
-        specs = self.task.passes
+        and its terms; "metrics": `specs` (Task.heldout_inputs' passes), the loss keeps each
+        micro-batch's Task.heldout_batch in `metric_parts` and returns a zero. All ranks switch together
+        (the engine resets its activation shapes)."""
+        if mode != "metrics":
+            specs = self.task.passes
         if mode == "probe":
             specs = tuple(replace(specs[i], vl_branch=False) for i in self.task.probe_passes)
-        self.specs, self.mode, self.ctx = specs, mode, ctx
+        self.specs, self.mode, self.ctx, self.metric_parts = specs, mode, ctx, []
 
     # -- the tuple between stages -----------------------------------------------------------------
     def _states(self, tensors: tuple, layer: int) -> list:
@@ -134,6 +139,9 @@ class TaskPipeline(PipelineModule):
         outputs = [passes.PassOutput(next(it), next(it) if spec.vl_branch else None) for spec in self.specs]
         if self.mode == "probe":
             return self.task.probe(self.vlmo, outputs, batch, self.ctx)
+        if self.mode == "metrics":  # kept here: parts differ in shape, which DeepSpeed's loss sum rejects
+            self.metric_parts.append(self.task.heldout_batch(self.vlmo, outputs, batch))
+            return outputs[0].x.new_zeros(())
         terms = self.task.score(self.vlmo, outputs, batch, self.ctx)
         self.terms = OrderedDict((k, terms[k].detach().float()) for k in self.task.terms)
         if self.mode == "eval":
