@@ -40,6 +40,8 @@ def resolve(overrides, ds=DS_ZERO3, world=1, text=None, tmp_path=None):
      "hooks are torch.compiler.disable'd functions, which a whole-graph compiled block cannot call"),
     (["stage=mlm"], DS_ZERO3, 1, "stage='mlm' must be one of mim, text_mlm, vl"),
     (["batch.micro=1"], DS_ZERO3, 1, "stage 'vl' needs at least 2 samples"),
+    (["model.vl_start=4"], DS_ZERO3, 1, "stage 'vl' reads its passes' VL branch, which needs vision-language "
+                                        "layers: model.vl_start=4 must be below model.depth=4"),
     ([], {"optimizer": {"type": "Adam"}, **DS_ZERO3}, 1, "the DeepSpeed config sets 'optimizer'"),
     (["data.source=shards", "data.shards=/nonexistent/shard-{000..003}.tar"], DS_ZERO3, 1,
      "data.shards: shard pattern '/nonexistent/shard-{000..003}.tar' matches no files"),

@@ -236,6 +236,9 @@ def resolve_run(cfg: RunConfig, ds_config: dict, world_size: int,
     _check(not (model_cfg.compile and zero == 3), "model.compile=true with zero_optimization.stage=3: ZeRO-3's "
            "parameter hooks are torch.compiler.disable'd functions, which a whole-graph compiled block cannot call "
            "(launchers/CLUSTER.md); use ZeRO-1 or 2 (as ds_configs/*_zero2_bf16.json) or model.compile=false")
+    _check(model_cfg.num_vl_layers > 0 or not any(p.vl_branch for p in get_task(cfg.stage).passes),
+           f"stage '{cfg.stage}' reads its passes' VL branch, which needs vision-language layers: "
+           f"model.vl_start={model_cfg.vl_start} must be below model.depth={model_cfg.depth}")
     _check(pp == 1 or get_task(cfg.stage).in_pieces, f"stage '{cfg.stage}' with parallel.pp={pp}: the task "
            "implements forward only, and the pipeline calls its inputs/score (tasks/base.py); set parallel.pp=1")
     for key in RUN_OWNED:
