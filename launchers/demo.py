@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "runs", "demo"))
     p.add_argument("--steps", type=int, default=1000, help="stage-3 optimizer steps")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=4e-3,
+                   help="peak lr of the pretraining (2e-3 leaves ITC on its plateau longer: README)")
     p.add_argument("--chain", action="store_true", help="run stages 1 -> 2 -> 3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--finetune", action="store_true", help="then fine-tune VQA and NLVR2 and report their accuracy")
